@@ -1,0 +1,1 @@
+"""neural-quantization: GPTQ quantization of Hugging Face causal LMs."""

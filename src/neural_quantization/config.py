@@ -1,0 +1,129 @@
+"""Validated configuration for a quantization run.
+
+One dataclass, :class:`QuantizationConfig`, describes everything that decides the numbers a run
+produces: the grid (bits, group size, symmetry), the solver (GPTQ or RTN, damping, act-order) and
+the calibration (languages, samples, tokens per sample, seed). It is validated when constructed, so
+a bad combination fails before any model is loaded, with a message that says how to fix it.
+
+``to_dict`` / ``from_dict`` round-trip it through JSON (the checkpoint records it); unknown keys
+are rejected rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+METHODS = ("gptq", "rtn")
+KERNEL_BACKENDS = ("auto", "torch", "triton", "marlin")
+DEFAULT_LANGUAGES = ("en", "es", "fr", "de", "zh", "ja", "ar", "hi", "pt", "ru", "ko", "it", "tr", "nl", "pl")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says how to fix it."""
+
+
+@dataclass
+class QuantizationConfig:
+    """How to quantize a model.
+
+    Grid
+        bits: width of the integer codes, one of 2, 3, 4, 8.
+        group_size: input columns that share one scale/zero; -1 means one per output row
+            ("per channel"). Where it does not divide a layer's input size the last group is shorter.
+        sym: symmetric grid (zero fixed at 2**(bits-1)) or asymmetric (zero chosen per group).
+        mse_clip: search a clipping ratio per group that minimises the rounding error (slower).
+
+    Solver
+        method: "gptq" (error compensation through the inverse Hessian) or "rtn" (round to nearest).
+        damp_percent: damping added to the Hessian diagonal, as a fraction of its mean (0.01 = 1 %);
+            raised automatically when the Cholesky factorisation fails.
+        desc_act: act-order: quantize columns in order of decreasing Hessian diagonal.
+        static_groups: with desc_act, fix each group's scale/zero before the solve, so groups stay
+            contiguous in the original column order (g_idx is then trivial).
+        block_size: columns per lazy-update block.
+        true_sequential: quantize a decoder layer's sub-layers in execution order, each one seeing
+            the already-quantized outputs of the ones before it.
+        quantize_lm_head: also quantize the output projection (off by default).
+
+    Calibration
+        num_samples, seq_len: calibration windows and tokens per window.
+        target_languages: languages to balance calibration over (and evaluate).
+        seed: makes sampling and self-generated calibration reproducible.
+
+    Runtime
+        kernel_backend: "auto", "torch" (reference), "triton", or "marlin" (a deployment profile).
+        device: where each decoder layer is solved ("auto" = CUDA if present, else CPU).
+        cascade_stages: e.g. [8, 4] for the cascade mode; None for direct quantization.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    mse_clip: bool = False
+    method: str = "gptq"
+    damp_percent: float = 0.01
+    desc_act: bool = False
+    static_groups: bool = False
+    block_size: int = 128
+    true_sequential: bool = True
+    quantize_lm_head: bool = False
+    num_samples: int = 128
+    seq_len: int = 512
+    calibration_batch_size: int = 8
+    target_languages: list[str] = field(default_factory=lambda: list(DEFAULT_LANGUAGES))
+    seed: int = 0
+    kernel_backend: str = "auto"
+    device: str = "auto"
+    cascade_stages: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS} (e.g. --bits 4).")
+        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
+            raise ConfigError(
+                f"group_size={self.group_size!r} is invalid; use -1 for one scale per output channel "
+                "or a positive number of input columns such as 32, 64 or 128."
+            )
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is unknown; use one of {METHODS}.")
+        if not 0 < self.damp_percent < 1:
+            raise ConfigError(f"damp_percent={self.damp_percent} must lie in (0, 1); 0.01 is the usual value.")
+        if self.static_groups and self.group_size == -1:
+            raise ConfigError("static_groups needs a group size; set group_size to e.g. 128 or drop static_groups.")
+        if self.block_size <= 0:
+            raise ConfigError(f"block_size={self.block_size} must be positive; 128 is the usual value.")
+        if self.num_samples <= 0 or self.seq_len <= 1:
+            raise ConfigError("num_samples must be >= 1 and seq_len >= 2 (e.g. --num-samples 128 --seq-len 512).")
+        if self.calibration_batch_size <= 0:
+            raise ConfigError("calibration_batch_size must be >= 1.")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ConfigError(f"kernel_backend={self.kernel_backend!r} is unknown; use one of {KERNEL_BACKENDS}.")
+        if isinstance(self.target_languages, str):
+            self.target_languages = [x for x in self.target_languages.replace(",", " ").split() if x]
+        self.target_languages = list(self.target_languages)
+        if not self.target_languages:
+            raise ConfigError("target_languages is empty; name at least one language, e.g. ['en'].")
+        if self.cascade_stages is not None:
+            stages = list(self.cascade_stages)
+            if len(stages) < 2 or any(b not in SUPPORTED_BITS for b in stages):
+                raise ConfigError(f"cascade_stages={stages} must list two or more widths from {SUPPORTED_BITS}, e.g. [8, 4].")
+            if any(a <= b for a, b in zip(stages, stages[1:])):
+                raise ConfigError(f"cascade_stages={stages} must go from wide to narrow, e.g. [8, 4].")
+            self.cascade_stages = stages
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizationConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown QuantizationConfig keys {unknown}; known keys are {sorted(known)}.")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> QuantizationConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,115 @@
+"""The quantization grid: how a group of weights maps to integer codes and back.
+
+A group of weights ``w`` (one output row, a run of input columns) is represented as
+
+    w ≈ scale * (q - zero),   q ∈ {0, …, 2**bits - 1}
+
+with one ``scale`` and one ``zero`` per (group, output row). This is the grid of the GPTQ paper and
+of every GPTQ checkpoint:
+
+* symmetric: ``zero = 2**(bits-1)`` (8 for 4 bits) and ``scale = 2·max|w| / (2**bits - 1)``;
+* asymmetric: the grid spans ``[min(w, 0), max(w, 0)]`` and ``zero = round(-min / scale)``.
+
+Two details make the grid storable without loss:
+
+* scales are rounded to fp16 here, because the checkpoint stores them in fp16; the solver then
+  compensates the error of exactly the grid that will be saved;
+* asymmetric zeros are kept in ``[1, 2**bits - 1]``. GPTQ checkpoints (``checkpoint_format: gptq``)
+  store ``zero - 1``; a zero of 0 would be stored as -1, which wraps to ``2**bits - 1`` in a packed
+  word and loads as ``2**bits``. A group whose weights are all ≥ 0 therefore gets ``zero = 1`` and a
+  scale widened to ``max / (2**bits - 2)``: one code of range is lost, only for such groups.
+
+Shapes: ``w`` is (rows, cols); ``scale`` and ``zero`` are (rows, 1) so they broadcast over columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MIN_SCALE = 1e-7  # smaller scales underflow fp16; weights that small are zero in practice
+
+
+def max_code(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def _round_scale_fp16(scale: torch.Tensor) -> torch.Tensor:
+    return scale.clamp(min=_MIN_SCALE).to(torch.float16).to(torch.float32)
+
+
+def minmax_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero from the min/max of each row of ``w`` (rows, cols) -> ((rows,1), (rows,1))."""
+    maxq = max_code(bits)
+    w = w.float()
+    xmin = w.min(dim=1, keepdim=True).values.clamp(max=0)
+    xmax = w.max(dim=1, keepdim=True).values.clamp(min=0)
+    if sym:
+        amax = torch.maximum(xmin.abs(), xmax)
+        amax = torch.where(amax == 0, torch.ones_like(amax), amax)
+        scale = _round_scale_fp16(2 * amax / maxq)
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+        return scale, zero
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = _round_scale_fp16((xmax - xmin) / maxq)
+    zero = torch.round(-xmin / scale)
+    # Keep zero >= 1 (see module docstring): widen the scale so the grid still reaches max(w).
+    needs_shift = zero < 1
+    if needs_shift.any():
+        shifted = _round_scale_fp16(xmax / (maxq - 1))
+        # fp16 rounding may land just under xmax/(maxq-1); the last code then clips by < 1 ulp.
+        scale = torch.where(needs_shift, shifted, scale)
+        zero = torch.where(needs_shift, torch.ones_like(zero), zero)
+    return scale, zero.clamp(1, maxq)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(w / scale) + zero, 0, maxq)`` as int32 (same shape as ``w``)."""
+    q = torch.round(w.float() / scale) + zero
+    return q.clamp_(0, max_code(bits)).to(torch.int32)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``scale * (codes - zero)`` in fp32."""
+    return scale * (codes.float() - zero)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round ``w`` onto the grid and map it back: what the quantized model will compute with."""
+    return dequantize(quantize(w, scale, zero, bits), scale, zero)
+
+
+def mse_params(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    max_shrink: float = 0.8,
+    steps: int = 100,
+    norm: float = 2.4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max grid with a per-row clipping ratio chosen to minimise ``sum |w - fake_q(w)|**norm``.
+
+    Tries ratios ``1, 1 - 1/steps, …, max_shrink`` of the min/max range (the search of the GPTQ
+    reference code, norm 2.4), keeping for each row the ratio with the smallest error.
+    """
+    w = w.float()
+    best_scale, best_zero = minmax_params(w, bits, sym)
+    best_err = (fake_quantize(w, best_scale, best_zero, bits) - w).abs_().pow_(norm).sum(dim=1, keepdim=True)
+    for i in range(1, int(max_shrink * steps) + 1):
+        ratio = 1 - i / steps
+        if ratio < max_shrink:
+            break
+        # Scaling w scales its min/max range; fold the ratio back into the scale afterwards.
+        scale, zero = minmax_params(w * ratio, bits, sym)
+        err = (fake_quantize(w, scale, zero, bits) - w).abs_().pow_(norm).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def choose_params(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid for the rows of ``w``: MSE-clipped when asked, plain min/max otherwise."""
+    return mse_params(w, bits, sym) if mse_clip else minmax_params(w, bits, sym)

@@ -1,0 +1,102 @@
+"""``QuantLinear``: a drop-in replacement for ``nn.Linear`` holding GPTQ-packed weights.
+
+Its buffers are exactly the tensors of the checkpoint (``qweight``, ``qzeros``, ``scales``,
+``g_idx``, optional ``bias``; layout in ``formats/gptq.py``), so ``state_dict()`` of a quantized
+model *is* the checkpoint, and loading it back gives bit-identical outputs. The matmul goes through
+``kernels.ops.quant_linear`` with the layer's ``kernel_backend``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neural_quantization.core.quantized_weight import QuantizedWeight, num_groups
+from neural_quantization.formats.gptq import from_gptq_tensors, to_gptq_tensors
+from neural_quantization.formats.packing import packed_length
+from neural_quantization.kernels import ops
+from neural_quantization.kernels.reference import dequantize_gptq
+
+
+class QuantLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` (out_features, in_features) stored as b-bit GPTQ codes."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool,
+        bias_dtype: torch.dtype = torch.float16,
+        kernel_backend: str = "auto",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.kernel_backend = kernel_backend
+        groups = num_groups(in_features, group_size)
+        self.register_buffer(
+            "qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32, device=device)
+        )
+        self.register_buffer(
+            "qzeros", torch.zeros(groups, packed_length(out_features, bits), dtype=torch.int32, device=device)
+        )
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_quantized(
+        cls, linear: nn.Linear, quantized: QuantizedWeight, kernel_backend: str = "auto"
+    ) -> QuantLinear:
+        """Build from the ``nn.Linear`` it replaces (for shape, bias, device) and its quantized weight."""
+        device = linear.weight.device
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            quantized.bits,
+            quantized.group_size,
+            bias=linear.bias is not None,
+            bias_dtype=linear.weight.dtype,
+            kernel_backend=kernel_backend,
+            device=device,
+        )
+        for name, tensor in to_gptq_tensors(quantized).items():
+            getattr(layer, name).copy_(tensor.to(device))
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return from_gptq_tensors(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size, self.in_features
+        )
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight (out_features, in_features) this layer computes with."""
+        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.quant_linear(
+            x,
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.g_idx,
+            self.bias,
+            self.bits,
+            self.in_features,
+            self.kernel_backend,
+        )
+
+    def extra_repr(self) -> str:
+        group = "per-channel" if self.group_size == -1 else f"group_size={self.group_size}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {group}, "
+            f"bias={self.bias is not None}, kernel_backend={self.kernel_backend}"
+        )
