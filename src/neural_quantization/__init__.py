@@ -1,1 +1,38 @@
-"""neural-quantization: GPTQ quantization of Hugging Face causal LMs."""
+"""neural-quantization: GPTQ quantization of Hugging Face causal LMs, measured per language.
+
+Public API::
+
+    from neural_quantization import QuantizationConfig, MistralQuantizer, load_quantized
+    model, results = MistralQuantizer(QuantizationConfig(bits=4)).quantize_model(model, texts, tokenizer)
+    model.save_pretrained("out/")
+    model = load_quantized("out/")
+"""
+
+__version__ = "0.1.0"
+
+from neural_quantization.config import ConfigError, QuantizationConfig  # noqa: E402
+from neural_quantization.formats.checkpoint import load_quantized, save_quantized  # noqa: E402
+from neural_quantization.nn.qlinear import QuantLinear  # noqa: E402
+from neural_quantization.quantizer import (  # noqa: E402
+    GemmaQuantizer,
+    LlamaQuantizer,
+    MistralQuantizer,
+    QuantizationResults,
+    Quantizer,
+    QwenQuantizer,
+)
+
+__all__ = [
+    "__version__",
+    "ConfigError",
+    "QuantizationConfig",
+    "Quantizer",
+    "MistralQuantizer",
+    "LlamaQuantizer",
+    "GemmaQuantizer",
+    "QwenQuantizer",
+    "QuantizationResults",
+    "QuantLinear",
+    "load_quantized",
+    "save_quantized",
+]

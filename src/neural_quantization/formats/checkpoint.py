@@ -1,0 +1,247 @@
+"""Save and load quantized checkpoints (GPTQ-compatible, ``checkpoint_format: "gptq"``).
+
+A checkpoint directory holds
+
+* ``model.safetensors``: every tensor of the model's ``state_dict``. Quantized linear layers appear
+  as ``<module>.qweight / .qzeros / .scales / .g_idx (/ .bias)`` in the layout of
+  ``formats/gptq.py``; everything else (embeddings, norms, ``lm_head``) as in the original model.
+  Tied weights are stored once (transformers re-ties them on load).
+* ``config.json``: the model's config plus ``quantization_config``::
+
+      {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 128,
+       "desc_act": false, "sym": true, "static_groups": false, "true_sequential": true,
+       "damp_percent": 0.01, "lm_head": false, "pack_dtype": "int32",
+       "meta": {"quantizer": ["neural-quantization:0.1.0"]},
+       "neural_quantization": {"version": ..., "base_model": ..., "method": "gptq",
+                               "config": {...QuantizationConfig...}, "created": ..., ...}}
+
+  The first block is what GPTQ loaders (transformers with GPTQModel, vLLM) read; our own record of
+  the run sits under ``neural_quantization``.
+* the tokenizer files and ``generation_config.json`` when available.
+
+Writing is atomic: everything goes to a temporary sibling directory that is renamed into place at
+the end, so an interrupted save never leaves a half-written checkpoint under the requested name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from neural_quantization import __version__
+from neural_quantization.config import QuantizationConfig
+from neural_quantization.models.discovery import set_submodule
+from neural_quantization.nn.qlinear import QuantLinear
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory exists and overwriting was not asked for."""
+
+
+class CheckpointError(ValueError):
+    """A directory is not a checkpoint this package can load."""
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early (before hours of work) when ``output_dir`` exists and ``overwrite`` is off."""
+    path = Path(output_dir)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(
+            f"output directory {path} already exists; choose another --output-dir or pass --overwrite "
+            "(overwrite=True) to replace it."
+        )
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} exists and is not a directory; choose another --output-dir.")
+    return path
+
+
+def gptq_quantization_config(
+    config: QuantizationConfig, base_model: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``quantization_config`` block written into ``config.json``."""
+    record = {
+        "version": __version__,
+        "base_model": base_model,
+        "method": config.method,
+        "config": config.to_dict(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+    try:
+        import transformers
+
+        record["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    record.update(extra or {})
+    return {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "desc_act": config.desc_act,
+        "sym": config.sym,
+        "static_groups": config.static_groups,
+        "true_sequential": config.true_sequential,
+        "damp_percent": config.damp_percent,
+        "lm_head": config.quantize_lm_head,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [f"neural-quantization:{__version__}"]},
+        "neural_quantization": record,
+    }
+
+
+def _state_dict_without_tied_copies(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor stored once (the first name wins)."""
+    seen: dict[tuple[int, int, tuple], str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors
+
+
+def save_quantized(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (with QuantLinear layers and ``config.quantization_config`` set) atomically."""
+    target = check_output_dir(output_dir, overwrite)
+    if not getattr(model.config, "quantization_config", None):
+        raise CheckpointError("the model has no quantization_config; quantize it with neural_quantization first.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        save_file(_state_dict_without_tied_copies(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        model.config.save_pretrained(staging)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            try:
+                generation_config.save_pretrained(staging)
+            except ValueError:  # an invalid generation config must not block the checkpoint
+                pass
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def attach_save_pretrained(model: nn.Module, tokenizer: Any = None) -> nn.Module:
+    """Make ``model.save_pretrained(dir, overwrite=False)`` write our checkpoint (with the tokenizer)."""
+
+    def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, overwrite: bool = False, **_: Any) -> Path:
+        return save_quantized(self, save_directory, tokenizer=tokenizer, overwrite=overwrite)
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)
+    return model
+
+
+def read_quantization_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``quantization_config`` of a checkpoint directory, validated."""
+    path = Path(checkpoint_dir)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; pass the directory written by `neural-quantize`.")
+    quant = json.loads(config_file.read_text()).get("quantization_config")
+    if not quant or quant.get("quant_method") != "gptq":
+        raise CheckpointError(f"{path} is not a GPTQ checkpoint (config.json has no gptq quantization_config).")
+    if quant.get("checkpoint_format", "gptq") != "gptq":
+        raise CheckpointError(
+            f"{path} uses checkpoint_format={quant.get('checkpoint_format')!r}; only 'gptq' is supported."
+        )
+    return quant
+
+
+def load_quantized(
+    checkpoint_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    kernel_backend: str = "auto",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Load a checkpoint written by :func:`save_quantized` into a transformers model with QuantLinear layers.
+
+    The model is built from ``config.json``, every module with a ``qweight`` tensor is replaced by
+    a :class:`QuantLinear`, and all tensors are loaded as saved, so the logits equal those of the
+    in-memory quantized model. ``kernel_backend`` selects the matmul kernels.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(checkpoint_dir)
+    quant = read_quantization_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS_NAME}; the checkpoint is incomplete.")
+
+    config = AutoConfig.from_pretrained(path)
+    saved_quant = config.quantization_config
+    del config.quantization_config  # build a plain model; the quantized layers are swapped in below
+    model_dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(model_dtype, str):
+        model_dtype = getattr(torch, model_dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
+    config.quantization_config = saved_quant
+
+    with safe_open(str(weights), framework="pt") as f:
+        names = list(f.keys())
+        state = {name: f.get_tensor(name) for name in names}
+    quantized_modules = [name[: -len(".qweight")] for name in names if name.endswith(".qweight")]
+    for name in quantized_modules:
+        linear = model.get_submodule(name)
+        set_submodule(
+            model,
+            name,
+            QuantLinear(
+                linear.in_features,
+                linear.out_features,
+                quant["bits"],
+                quant["group_size"],
+                bias=f"{name}.bias" in state,
+                bias_dtype=state[f"{name}.bias"].dtype if f"{name}.bias" in state else torch.float16,
+                kernel_backend=kernel_backend,
+            ),
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = _tied_parameter_names(model)
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match its config.json: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.to(device)
+    model.eval()
+    return attach_save_pretrained(model)
+
+
+def _tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that share storage with an earlier one (e.g. a tied ``lm_head.weight``)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    output = model.get_output_embeddings()
+    if output is None:
+        return set()
+    return {name + ".weight" for name, module in model.named_modules() if module is output}

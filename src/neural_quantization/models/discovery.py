@@ -1,0 +1,71 @@
+"""Find a causal LM's decoder layers and the linear layers inside them, for any architecture.
+
+Model knowledge is data, not code: the decoder blocks are the ``nn.ModuleList`` whose children are
+of a class named in the model's ``_no_split_modules`` (what transformers itself uses to shard
+models), falling back to the longest ``ModuleList`` of blocks that contain linear layers. Nothing
+here is specific to Llama, Mistral, Gemma, Qwen or Phi.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's decoder layers could not be found."""
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return ``(qualified_name, layers)`` of the model's stack of decoder blocks."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    candidates: list[tuple[int, str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        children = list(module)
+        if block_classes and all(type(c).__name__ in block_classes for c in children):
+            candidates.append((2, name, module))
+        elif all(any(isinstance(m, nn.Linear) for m in c.modules()) for c in children):
+            candidates.append((1, name, module))
+    if not candidates:
+        raise UnsupportedModelError(
+            f"could not find the decoder layers of {type(model).__name__}: no nn.ModuleList of blocks "
+            "holding nn.Linear layers. Quantize a causal LM built from transformers' model classes."
+        )
+    # Prefer blocks named by _no_split_modules, then the longest stack (vision towers are shorter).
+    _, name, layers = max(candidates, key=lambda c: (c[0], len(c[2])))
+    return name, layers
+
+
+def find_linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
+    """All ``nn.Linear`` modules inside one decoder block, by name relative to the block."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule ``name`` (dotted path) of ``root`` by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def move_all_but(model: nn.Module, keep: nn.Module, device) -> None:
+    """Move every parameter and buffer of ``model`` to ``device`` except those inside ``keep``.
+
+    Used to put the embeddings, rotary tables and final norm on the compute device while the
+    decoder layers stay where they are (CPU or disk) until their turn.
+    """
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if child is keep:
+                continue
+            if any(m is keep for m in child.modules()):
+                visit(child)
+            else:
+                child.to(device)
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(device)  # in place, so tied weights stay tied
+        for name, buf in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = buf.to(device) if buf is not None else None
+
+    visit(model)

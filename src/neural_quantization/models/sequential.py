@@ -1,0 +1,373 @@
+"""The layer-by-layer quantization pipeline.
+
+::
+
+    capture the inputs of every decoder layer (hidden states of layer 0; masks, positions,
+        rotary tables of each layer) with one cheap forward that stops before any layer runs
+    for each decoder layer, on the compute device:
+        find its linear layers and the order they run in, grouped by shared input
+            (q/k/v, then o, then gate/up, then down for a Llama-style block)
+        for each group, in order (true-sequential):
+            run the layer on the calibration inputs up to that group, with hooks that fold the
+                group's input activations into one Hessian H = 2/n Σ x xᵀ
+            solve each linear of the group (GPTQ or RTN) and swap it for a QuantLinear
+        run the quantized layer once more: its outputs are the next layer's inputs
+        move the layer back to where it came from
+
+Only one decoder layer is on the compute device at a time. Because later groups and later layers
+see the outputs of the already-quantized ones, each solve compensates the errors made before it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from neural_quantization.config import QuantizationConfig
+from neural_quantization.core.gptq import accumulate_hessian, gptq_quantize
+from neural_quantization.core.rtn import rtn_quantize
+from neural_quantization.models.discovery import find_decoder_layers, find_linear_layers, move_all_but, set_submodule
+from neural_quantization.nn.qlinear import QuantLinear
+
+
+@dataclass
+class LinearReport:
+    """What happened to one linear layer."""
+
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    method: str  # "gptq" or "rtn"
+    loss: float | None  # tr((W-Q) H (W-Q)^T), None where no Hessian was collected
+    damp_percent: float | None
+    seconds: float
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "method": self.method,
+            "loss": self.loss,
+            "damp_percent": self.damp_percent,
+            "seconds": round(self.seconds, 4),
+            "note": self.note,
+        }
+
+
+@dataclass
+class LayerInputs:
+    """Calibration inputs of one decoder layer: hidden states and keyword arguments, per batch."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    """Raised inside a forward once everything needed from it has been recorded."""
+
+
+def _layer_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device
+) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+    """Run the model's embedding part on each batch and record what every decoder layer receives.
+
+    Each layer's ``forward`` is temporarily replaced by a recorder that stores its keyword
+    arguments (attention mask, position ids, rotary tables, …, which differ between e.g. sliding
+    and full attention layers) and passes the hidden states through untouched; the last one stops
+    the forward. Returns (hidden states entering layer 0 per batch, kwargs per layer per batch).
+    """
+    first_hidden: list[torch.Tensor] = []
+    layer_kwargs: list[list[dict[str, Any]]] = [[] for _ in layers]
+    last = len(layers) - 1
+
+    def recorder(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "cache")}
+            kwargs["use_cache"] = False
+            layer_kwargs[index].append(kwargs)
+            if index == 0:
+                first_hidden.append(hidden)
+            if index == last:
+                raise _StopForward
+            return hidden
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+    return first_hidden, layer_kwargs
+
+
+@torch.no_grad()
+def linear_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """The block's linear layers in execution order, grouped when they read the same input tensor.
+
+    Found by running the block once on a single calibration sequence with hooks that note which
+    linear runs when and on which input object: a Llama block gives
+    ``[[q_proj, k_proj, v_proj], [o_proj], [gate_proj, up_proj], [down_proj]]``.
+    Linears that never run (e.g. unused experts) are appended as a last group.
+    """
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, n=name: order.append((n, args[0])))
+        for name, module in linears.items()
+    ]
+    try:
+        block(hidden[:1], **_slice_batch(kwargs, hidden.shape[0]))
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    previous_input = None
+    seen = set()
+    for name, inp in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and inp is previous_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous_input = inp
+    unused = [n for n in linears if n not in seen]
+    if unused:
+        groups.append(unused)
+    return groups
+
+
+def _slice_batch(kwargs: dict, batch: int) -> dict:
+    """Take the first sequence of every batched tensor argument (masks, positions)."""
+
+    def first(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch and batch > 1:
+            return value[:1]
+        if isinstance(value, tuple):
+            return tuple(first(v) for v in value)
+        if isinstance(value, dict):
+            return {k: first(v) for k, v in value.items()}
+        return value
+
+    return {k: first(v) for k, v in kwargs.items()}
+
+
+@torch.no_grad()
+def collect_hessians(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    group: list[str],
+    inputs: LayerInputs,
+    shared_input: bool,
+) -> dict[str, torch.Tensor | None]:
+    """Run ``block`` on every calibration batch and return the Hessian of each linear in ``group``.
+
+    With ``shared_input`` (true-sequential groups) one Hessian serves the whole group, and the
+    forward stops as soon as the group's first linear has read its input. Otherwise every linear
+    gets its own Hessian and the forward stops after the last of them.
+    """
+    hooked = group[:1] if shared_input else group
+    state: dict[str, tuple[torch.Tensor | None, int]] = {name: (None, 0) for name in hooked}
+    remaining: set[str] = set()
+
+    def hook(name: str) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            hessian, count = state[name]
+            state[name] = accumulate_hessian(hessian, count, args[0])
+            remaining.discard(name)
+            if not remaining:
+                raise _StopForward
+
+        return pre_hook
+
+    handles = [linears[name].register_forward_pre_hook(hook(name)) for name in hooked]
+    try:
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            remaining.update(hooked)
+            try:
+                block(hidden, **kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    if shared_input:
+        return {name: state[group[0]][0] for name in group}
+    return {name: state[name][0] for name in group}
+
+
+@torch.no_grad()
+def quantize_linear(
+    name: str, linear: nn.Linear, hessian: torch.Tensor | None, config: QuantizationConfig
+) -> tuple[QuantLinear, LinearReport]:
+    """Solve one linear layer and build its replacement; RTN where no Hessian is available."""
+    start = time.perf_counter()
+    note = ""
+    method = config.method
+    if method == "gptq" and hessian is None:
+        method, note = "rtn", "no calibration tokens reached this layer; rounded to nearest instead"
+    if method == "gptq":
+        quantized = gptq_quantize(linear.weight, hessian, config)
+    else:
+        quantized = rtn_quantize(linear.weight, config, hessian)
+    if config.group_size != -1 and linear.in_features % config.group_size:
+        note = (note + "; " if note else "") + (
+            f"in_features={linear.in_features} is not a multiple of group_size={config.group_size}: "
+            "the last group is shorter; some serving kernels (e.g. Marlin) require divisibility"
+        )
+    qlinear = QuantLinear.from_quantized(linear, quantized, kernel_backend=config.kernel_backend)
+    if linear.weight.device.type == "cuda":
+        torch.cuda.synchronize()
+    report = LinearReport(
+        name=name,
+        shape=(linear.out_features, linear.in_features),
+        method=method,
+        loss=quantized.loss,
+        damp_percent=quantized.damp_percent,
+        seconds=time.perf_counter() - start,
+        note=note,
+    )
+    return qlinear, report
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    return [_layer_output(block(hidden, **kwargs)) for hidden, kwargs in zip(inputs.hidden, inputs.kwargs)]
+
+
+@torch.no_grad()
+def quantize_decoder_layers(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    config: QuantizationConfig,
+    device: torch.device,
+    on_layer_done: Callable[[int, int], None] | None = None,
+) -> list[LinearReport]:
+    """Quantize every linear layer inside the decoder blocks of ``model``, in place.
+
+    input_ids: (num_samples, seq_len) calibration tokens (unused for RTN, which needs no data).
+    Returns one report per linear layer, in the order they were quantized; ``on_layer_done(i, n)``
+    is called after each decoder layer (for progress bars).
+    """
+    layers_name, layers = find_decoder_layers(model)
+    reports: list[LinearReport] = []
+
+    if config.method == "rtn":
+        for index, block in enumerate(layers):
+            for name, linear in find_linear_layers(block).items():
+                qlinear, report = quantize_linear(f"{layers_name}.{index}.{name}", linear, None, config)
+                set_submodule(block, name, qlinear)
+                reports.append(report)
+            if on_layer_done:
+                on_layer_done(index + 1, len(layers))
+        return reports
+
+    home = {index: next(block.parameters()).device for index, block in enumerate(layers)}
+    rest_home = model.get_input_embeddings().weight.device
+    move_all_but(model, layers, device)
+    batches = list(input_ids.split(config.calibration_batch_size))
+    hidden, layer_kwargs = capture_layer_inputs(model, layers, batches, device)
+
+    for index, block in enumerate(layers):
+        block.to(device)
+        inputs = LayerInputs(hidden=hidden, kwargs=[_to_device(k, device) for k in layer_kwargs[index]])
+        linears = find_linear_layers(block)
+        if config.true_sequential:
+            groups = linear_groups(block, linears, inputs.hidden[0], inputs.kwargs[0])
+        else:
+            groups = [list(linears)]
+        for group in groups:
+            hessians = collect_hessians(block, linears, group, inputs, shared_input=config.true_sequential)
+            for name in group:
+                qlinear, report = quantize_linear(f"{layers_name}.{index}.{name}", linears[name], hessians[name], config)
+                set_submodule(block, name, qlinear)
+                reports.append(report)
+            del hessians
+        hidden = run_block(block, inputs)
+        block.to(home[index])
+        layer_kwargs[index] = []  # free this layer's masks and rotary tables
+        if on_layer_done:
+            on_layer_done(index + 1, len(layers))
+    if config.quantize_lm_head:
+        reports.append(quantize_lm_head(model, layers, batches, hidden, config, device))
+    move_all_but(model, layers, rest_home)
+    return reports
+
+
+@torch.no_grad()
+def quantize_lm_head(
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batches: list[torch.Tensor],
+    final_hidden: list[torch.Tensor],
+    config: QuantizationConfig,
+    device: torch.device,
+) -> LinearReport:
+    """Quantize the output projection on the (quantized) model's final hidden states.
+
+    The final norm sits between the last decoder layer and ``lm_head`` and differs by architecture,
+    so instead of finding it, the model's own forward runs with every decoder layer replaced by a
+    function that returns the stored final hidden states: the model then applies its final norm and
+    the hook on ``lm_head`` collects the Hessian. A tied ``lm_head`` is untied (the embedding keeps
+    its float weights) and ``tie_word_embeddings`` is set to False in the config.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"cannot quantize lm_head of type {type(head).__name__}; leave quantize_lm_head off.")
+    head_name = next(name for name, module in model.named_modules() if module is head)
+    hessian, count = None, 0
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        nonlocal hessian, count
+        hessian, count = accumulate_hessian(hessian, count, args[0])
+        raise _StopForward
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        for batch, hidden in zip(batches, final_hidden):
+            for layer in layers:
+                layer.forward = lambda *args, _h=hidden, **kwargs: _h
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+    if getattr(model.config, "tie_word_embeddings", False):
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    qlinear, report = quantize_linear(head_name, head, hessian, config)
+    set_submodule(model, head_name, qlinear)
+    return report

@@ -1,0 +1,213 @@
+"""The Python API: ``Quantizer(config).quantize_model(model, calibration_data) -> (model, results)``.
+
+``MistralQuantizer``, ``LlamaQuantizer``, ``GemmaQuantizer`` and ``QwenQuantizer`` are the same
+class under the names users know: the pipeline discovers each architecture's layers by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from neural_quantization.config import QuantizationConfig
+from neural_quantization.formats.checkpoint import attach_save_pretrained, gptq_quantization_config
+from neural_quantization.models.sequential import LinearReport, quantize_decoder_layers
+from neural_quantization.nn.qlinear import QuantLinear
+
+FP16_BYTES = 2
+
+
+@dataclass
+class QuantizationResults:
+    """Measured outcome of one run. Every number is computed from the model, none is a target.
+
+    final_compression_ratio: fp16 bytes of the quantized linear weights / bytes of their packed
+        tensors (qweight + qzeros + scales + g_idx); 4-bit g128 gives about 3.9.
+    model_compression_ratio: fp16 bytes of the whole model / bytes of the quantized model's tensors
+        (embeddings, norms and lm_head stay in their dtype, so this is lower).
+    memory_reduction: (1 - quantized bytes / fp16 bytes) × 100 for the whole model.
+    """
+
+    model: str
+    config: dict[str, Any]
+    final_compression_ratio: float
+    model_compression_ratio: float
+    memory_reduction: float
+    size_bytes: dict[str, int]
+    quantization_seconds: float
+    calibration: dict[str, Any]
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    device: str = "cpu"
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def mean_layer_loss(self) -> float | None:
+        losses = [layer["loss"] for layer in self.layers if layer["loss"] is not None]
+        return sum(losses) / len(losses) if losses else None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but no CUDA device is visible; use --device cpu.")
+    return torch.device(device)
+
+
+def unique_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters and persistent buffers, each shared (tied) tensor once."""
+    seen, out = set(), []
+    for tensor in model.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out.append(tensor)
+    return out
+
+
+def measure_sizes(model: nn.Module, reference_fp16_bytes: int) -> dict[str, Any]:
+    """Bytes of the quantized model and of its quantized linears, against fp16."""
+    quantized_bytes = sum(t.numel() * t.element_size() for t in unique_tensors(model))
+    linear_fp16 = linear_packed = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            linear_fp16 += module.in_features * module.out_features * FP16_BYTES
+            linear_packed += sum(
+                t.numel() * t.element_size() for t in (module.qweight, module.qzeros, module.scales, module.g_idx)
+            )
+    return {
+        "final_compression_ratio": linear_fp16 / linear_packed if linear_packed else 1.0,
+        "model_compression_ratio": reference_fp16_bytes / quantized_bytes,
+        "memory_reduction": (1 - quantized_bytes / reference_fp16_bytes) * 100,
+        "size_bytes": {
+            "reference": reference_fp16_bytes,
+            "quantized": quantized_bytes,
+            "quantized_linears_fp16": linear_fp16,
+            "quantized_linears_packed": linear_packed,
+        },
+    }
+
+
+class Quantizer:
+    """Quantize a Hugging Face causal LM layer by layer with GPTQ (or RTN).
+
+    >>> config = QuantizationConfig(bits=4, group_size=128)
+    >>> model, results = Quantizer(config).quantize_model("smollm2-135m", "./texts/")  # doctest: +SKIP
+    >>> model.save_pretrained("./smollm2-w4")  # doctest: +SKIP
+    """
+
+    def __init__(self, config: QuantizationConfig | None = None, **overrides: Any) -> None:
+        config = config or QuantizationConfig()
+        self.config = config.replace(**overrides) if overrides else config
+
+    def quantize_model(
+        self,
+        model: nn.Module | str,
+        calibration_data: Any = None,
+        tokenizer: Any = None,
+        target_languages: list[str] | None = None,
+        on_layer_done: Callable[[int, int], None] | None = None,
+        model_name: str | None = None,
+    ) -> tuple[nn.Module, QuantizationResults]:
+        """Quantize every linear layer of the decoder blocks, in place; return ``(model, results)``.
+
+        model: a transformers causal LM, or a name: a built-in alias (``smollm2-135m``,
+            ``gemma3-270m``), a local directory, a ``.gguf`` file or a Hugging Face id.
+        calibration_data: a list of strings, a text file, a directory of ``{lang}.txt`` /
+            ``{lang}.calib.txt`` files, a dict language -> texts, a (num_samples, seq_len) tensor of
+            token ids, or None to let the model write its own calibration text.
+        tokenizer: needed when ``model`` is a module and the calibration data is text.
+        target_languages: overrides ``config.target_languages`` for calibration balancing.
+        """
+        config = self.config
+        if target_languages is not None:
+            config = config.replace(target_languages=list(target_languages))
+        if isinstance(model, (str, os.PathLike)):
+            from neural_quantization.models.loading import load_model
+
+            loaded = load_model(str(model))
+            model, tokenizer, model_name = loaded.model, tokenizer or loaded.tokenizer, model_name or loaded.source
+        model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        device = resolve_device(config.device)
+        model.eval()
+
+        start = time.perf_counter()
+        input_ids, calibration = self._calibration_tokens(model, tokenizer, calibration_data, config)
+        reference_fp16_bytes = sum(t.numel() for t in unique_tensors(model)) * FP16_BYTES
+        layer_reports = quantize_decoder_layers(model, input_ids, config, device, on_layer_done)
+        seconds = time.perf_counter() - start
+
+        warnings = sorted({r.note for r in layer_reports if r.note})
+        model.config.quantization_config = gptq_quantization_config(
+            config,
+            base_model=model_name,
+            extra={"calibration": calibration, "quantization_seconds": round(seconds, 3)},
+        )
+        attach_save_pretrained(model, tokenizer)
+        sizes = measure_sizes(model, reference_fp16_bytes)
+        results = QuantizationResults(
+            model=model_name,
+            config=config.to_dict(),
+            quantization_seconds=seconds,
+            calibration=calibration,
+            layers=[r.to_dict() for r in layer_reports],
+            warnings=warnings,
+            device=str(device),
+            **sizes,
+        )
+        return model, results
+
+    @staticmethod
+    def _calibration_tokens(
+        model: nn.Module, tokenizer: Any, calibration_data: Any, config: QuantizationConfig
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Token windows (num_samples, seq_len) and a description of where they came from."""
+        if config.method == "rtn":
+            return torch.empty(0, config.seq_len, dtype=torch.long), {"source": "none (RTN needs no data)"}
+        if isinstance(calibration_data, torch.Tensor):
+            ids = calibration_data.long()
+            if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
+                raise ValueError("calibration token ids must have shape (num_samples, seq_len) with seq_len >= 2.")
+            return ids, {"source": "token ids", "languages": [], "tokens": int(ids.numel()), "self_generated": False}
+        if tokenizer is None:
+            raise ValueError("calibration from text needs a tokenizer: pass tokenizer=... or a model name.")
+        from neural_quantization.calibration.sampling import sample_calibration
+        from neural_quantization.calibration.self_generated import self_generated_calibration
+        from neural_quantization.calibration.sources import load_language_texts
+
+        if calibration_data is None:
+            calib = self_generated_calibration(
+                model, tokenizer, config.target_languages, config.num_samples, config.seq_len, config.seed
+            )
+        else:
+            texts = load_language_texts(calibration_data, config.target_languages, split="calib")
+            calib = sample_calibration(texts, tokenizer, config.num_samples, config.seq_len, config.seed)
+        info = {
+            "source": calib.source,
+            "languages": list(calib.languages),
+            "tokens": int(calib.input_ids.numel()),
+            "tokens_per_language": dict(calib.tokens_per_language),
+            "self_generated": bool(calib.self_generated),
+            "num_samples": int(calib.input_ids.shape[0]),
+            "seq_len": int(calib.input_ids.shape[1]),
+        }
+        return calib.input_ids, info
+
+
+# The names users know from the original README: one implementation, several names.
+MistralQuantizer = Quantizer
+LlamaQuantizer = Quantizer
+GemmaQuantizer = Quantizer
+QwenQuantizer = Quantizer

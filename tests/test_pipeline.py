@@ -1,0 +1,208 @@
+"""End to end on tiny random models of every supported architecture: quantize, save, load, compare."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from neural_quantization import QuantizationConfig, QuantLinear, Quantizer, load_quantized
+from neural_quantization.formats.checkpoint import OutputExistsError
+from neural_quantization.formats.packing import packed_length
+from neural_quantization.models.discovery import find_decoder_layers
+from neural_quantization.models.sequential import capture_layer_inputs, linear_groups, run_block, LayerInputs
+
+COMMON = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, eos_token_id=1, bos_token_id=0, pad_token_id=0,
+)
+ARCHITECTURES = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON),
+    "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
+    "gemma2": lambda: Gemma2Config(**COMMON, head_dim=16),
+    "gemma3": lambda: Gemma3TextConfig(
+        **COMMON, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"]
+    ),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
+    "phi3": lambda: Phi3Config(**COMMON),
+}
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(ARCHITECTURES[arch]()).eval()
+
+
+def tokens(n=8, length=24, seed=1):
+    return torch.randint(2, COMMON["vocab_size"], (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_captured_inputs_reproduce_the_models_own_forward(arch):
+    """Running the blocks on the captured inputs gives the model's hidden states (sliding windows too)."""
+    model = tiny_model(arch)
+    ids = tokens(4)
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states
+    _, layers = find_decoder_layers(model)
+    hidden, kwargs = capture_layer_inputs(model, layers, [ids[:2], ids[2:]], torch.device("cpu"))
+    torch.testing.assert_close(torch.cat(hidden), expected[0])
+    for index, block in enumerate(layers):
+        hidden = run_block(block, LayerInputs(hidden, kwargs[index]))
+        if index < len(layers) - 1:  # the last entry of hidden_states is after the final norm
+            torch.testing.assert_close(torch.cat(hidden), expected[index + 1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3", "qwen2", "qwen3", "phi3"])
+def test_quantize_save_load_gives_identical_logits(arch, tmp_path):
+    model = tiny_model(arch)
+    ids = tokens()
+    config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=4, desc_act=arch == "qwen2")
+    quantized, results = Quantizer(config).quantize_model(model, ids)
+    with torch.no_grad():
+        in_memory = quantized(ids[:2]).logits
+    quantized.save_pretrained(tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt")
+    with torch.no_grad():
+        reloaded = loaded(ids[:2]).logits
+    assert torch.equal(in_memory, reloaded)
+    n_linears = sum(isinstance(m, QuantLinear) for m in loaded.modules())
+    assert n_linears == len(results.layers) > 0
+    assert all(layer["method"] == "gptq" and layer["loss"] >= 0 for layer in results.layers)
+
+
+def test_checkpoint_tensors_have_the_documented_layout(tmp_path):
+    model = tiny_model("llama")
+    config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=4)
+    quantized, _ = Quantizer(config).quantize_model(model, tokens())
+    quantized.save_pretrained(tmp_path / "ckpt")
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        prefix = "model.layers.0.mlp.down_proj"  # in 80 -> out 64: 80 = 2.5 groups of 32
+        qweight, qzeros = f.get_tensor(f"{prefix}.qweight"), f.get_tensor(f"{prefix}.qzeros")
+        scales, g_idx = f.get_tensor(f"{prefix}.scales"), f.get_tensor(f"{prefix}.g_idx")
+        embed = f.get_tensor("model.embed_tokens.weight")
+    assert qweight.dtype == torch.int32 and qweight.shape == (packed_length(80, 4), 64) == (10, 64)
+    assert qzeros.dtype == torch.int32 and qzeros.shape == (3, 8)
+    assert scales.dtype == torch.float16 and scales.shape == (3, 64)
+    assert g_idx.dtype == torch.int32 and torch.equal(g_idx, torch.arange(80, dtype=torch.int32) // 32)
+    assert (qzeros == 0x77777777).all()  # symmetric: zero 8 stored as 7
+    assert embed.dtype == torch.float32
+    assert "model.layers.0.mlp.down_proj.weight" not in names
+    assert "lm_head.weight" in names  # Llama's default config does not tie it
+    quant = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "gptq" and quant["checkpoint_format"] == "gptq"
+    assert (quant["bits"], quant["group_size"], quant["desc_act"], quant["sym"]) == (4, 32, False, True)
+    assert quant["neural_quantization"]["config"]["group_size"] == 32
+
+
+def test_tied_embeddings_are_stored_once(tmp_path):
+    model = tiny_model("gemma3")
+    assert model.config.tie_word_embeddings
+    quantized, _ = Quantizer(QuantizationConfig(bits=4, group_size=32)).quantize_model(model, tokens())
+    quantized.save_pretrained(tmp_path / "ckpt")
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    loaded = load_quantized(tmp_path / "ckpt")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_true_sequential_groups_follow_execution_order():
+    model = tiny_model("llama")
+    _, layers = find_decoder_layers(model)
+    hidden, kwargs = capture_layer_inputs(model, layers, [tokens(2)], torch.device("cpu"))
+    linears = {n: m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    groups = linear_groups(layers[0], linears, hidden[0], kwargs[0][0])
+    assert groups == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+
+
+def _output_error(reference, quantized, ids):
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(ids).logits, -1)
+        out = torch.log_softmax(quantized(ids).logits, -1)
+    return float((ref.exp() * (ref - out)).sum(-1).mean())  # KL(reference || quantized)
+
+
+def test_gptq_model_is_closer_to_the_reference_than_rtn():
+    reference = tiny_model("llama", seed=3)
+    ids = tokens(16, 32)
+    errors = {}
+    for method in ("rtn", "gptq"):
+        config = QuantizationConfig(bits=3, group_size=32, method=method, calibration_batch_size=8)
+        quantized, _ = Quantizer(config).quantize_model(copy.deepcopy(reference), ids)
+        errors[method] = _output_error(reference, quantized, ids)
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
+
+def test_8bit_per_channel_is_nearly_lossless():
+    reference = tiny_model("mistral")
+    ids = tokens()
+    quantized, _ = Quantizer(QuantizationConfig(bits=8, group_size=-1)).quantize_model(copy.deepcopy(reference), ids)
+    assert _output_error(reference, quantized, ids) < 1e-4
+
+
+def test_lm_head_quantization_unties_and_round_trips(tmp_path):
+    model = tiny_model("llama")
+    ids = tokens()
+    config = QuantizationConfig(bits=4, group_size=32, quantize_lm_head=True)
+    quantized, results = Quantizer(config).quantize_model(model, ids)
+    assert isinstance(quantized.lm_head, QuantLinear) and results.layers[-1]["name"] == "lm_head"
+    assert results.layers[-1]["method"] == "gptq"
+    quantized.save_pretrained(tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(quantized(ids[:1]).logits, loaded(ids[:1]).logits)
+
+
+def test_results_hold_measured_sizes():
+    model = tiny_model("llama")
+    n_params = sum(p.numel() for p in model.parameters())  # tied weights counted once by parameters()
+    quantized, results = Quantizer(QuantizationConfig(bits=4, group_size=32)).quantize_model(model, tokens())
+    assert results.size_bytes["reference"] == 2 * n_params
+    packed = sum(
+        sum(t.numel() * t.element_size() for t in (m.qweight, m.qzeros, m.scales, m.g_idx))
+        for m in quantized.modules() if isinstance(m, QuantLinear)
+    )
+    assert results.size_bytes["quantized_linears_packed"] == packed
+    assert results.final_compression_ratio == pytest.approx(results.size_bytes["quantized_linears_fp16"] / packed)
+    assert results["memory_reduction"] == pytest.approx(
+        100 * (1 - results.size_bytes["quantized"] / results.size_bytes["reference"])
+    )
+    assert any("not a multiple of group_size" in w for w in results.warnings)  # 80 % 32 != 0
+
+
+def test_existing_output_dir_is_refused_and_nothing_is_half_written(tmp_path, monkeypatch):
+    quantized, _ = Quantizer(QuantizationConfig(bits=4, group_size=32)).quantize_model(tiny_model("llama"), tokens())
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        quantized.save_pretrained(target)
+
+    import neural_quantization.formats.checkpoint as checkpoint
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        quantized.save_pretrained(tmp_path / "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial directory left behind
