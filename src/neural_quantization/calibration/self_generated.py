@@ -1,0 +1,228 @@
+"""Calibration text written by the model itself, for when the user gives no data.
+
+With no calibration data the model samples continuations of short, natural openers in each target
+language (two or three per language, below), and those texts are then cut into token windows like
+any other source. The tokens then come from the model's own distribution, which is what GPTQ's
+Hessian should see; the cost is generation time (``num_samples × seq_len`` new tokens, batched)
+and, for a small model, text that drifts away from the prompt's language. Report which languages
+were self-generated (``CalibrationSet.self_generated``).
+
+Sampling uses temperature 0.9 and nucleus (top-p 0.95) sampling, no top-k, and never stops early
+(EOS is suppressed until ``max_new_tokens``), so every text has the same length. The RNG is seeded
+inside ``torch.random.fork_rng``: the same seed, model, languages and sizes give the same texts,
+and the caller's global RNG state is left untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from neural_quantization.calibration.sampling import CalibrationSet, sample_calibration, samples_per_language
+from neural_quantization.calibration.sources import CalibrationDataError
+from neural_quantization.config import DEFAULT_LANGUAGES
+
+__all__ = ["PROMPTS", "generate_calibration_texts", "self_generated_calibration"]
+
+logger = logging.getLogger(__name__)
+
+# Openers in the style of news and web text, two or three per language.
+PROMPTS: dict[str, tuple[str, ...]] = {
+    "en": (
+        "The city council met on Tuesday evening to discuss",
+        "When I first moved to the countryside, I",
+        "Scientists have long wondered why",
+    ),
+    "es": (
+        "El ayuntamiento anunció ayer que",
+        "Cuando era niño, mi abuela siempre me decía que",
+        "Según los expertos, el cambio climático",
+    ),
+    "fr": (
+        "Le conseil municipal s'est réuni mardi soir pour",
+        "Quand j'étais enfant, ma grand-mère me racontait",
+        "Selon les chercheurs, la principale raison",
+    ),
+    "de": (
+        "Der Stadtrat hat am Dienstagabend beschlossen, dass",
+        "Als ich zum ersten Mal nach Berlin kam,",
+        "Nach Angaben der Polizei wurde",
+    ),
+    "zh": ("昨天下午，市政府宣布", "我小时候住在一个小村子里，", "据专家介绍，这种新技术"),
+    "ja": ("昨日の午後、市役所は", "子供のころ、私は毎年夏になると", "専門家によると、この新しい技術は"),
+    "ar": (
+        "أعلنت وزارة الصحة اليوم أن",
+        "عندما كنت صغيرا، كان جدي يقول لي",
+        "يقول الخبراء إن التغير المناخي",
+    ),
+    "hi": (
+        "सरकार ने आज घोषणा की कि",
+        "जब मैं छोटा था, मेरी दादी मुझे",
+        "विशेषज्ञों के अनुसार, इस नई तकनीक से",
+    ),
+    "pt": (
+        "A prefeitura anunciou nesta terça-feira que",
+        "Quando eu era criança, minha avó sempre dizia que",
+        "De acordo com os especialistas, a principal causa",
+    ),
+    "ru": (
+        "Вчера вечером городской совет объявил, что",
+        "Когда я был маленьким, бабушка часто рассказывала мне",
+        "По словам экспертов, главная причина",
+    ),
+    "ko": ("어제 오후 시청은", "어렸을 때 나는 여름마다", "전문가들에 따르면 이 새로운 기술은"),
+    "it": (
+        "Il consiglio comunale ha annunciato ieri che",
+        "Quando ero bambino, mia nonna mi raccontava",
+        "Secondo gli esperti, la causa principale",
+    ),
+    "tr": (
+        "Belediye dün yaptığı açıklamada",
+        "Çocukken her yaz büyükannemin köyüne",
+        "Uzmanlara göre bu yeni teknoloji",
+    ),
+    "nl": (
+        "De gemeenteraad heeft dinsdagavond besloten dat",
+        "Toen ik klein was, vertelde mijn oma me vaak",
+        "Volgens deskundigen is de belangrijkste oorzaak",
+    ),
+    "pl": (
+        "Rada miasta ogłosiła we wtorek, że",
+        "Kiedy byłem dzieckiem, babcia często opowiadała mi",
+        "Według ekspertów główną przyczyną",
+    ),
+}
+assert set(PROMPTS) == set(DEFAULT_LANGUAGES)
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (input_ids, attention_mask), both (len(rows), max_len)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_calibration_texts(
+    model: Any,
+    tokenizer: Any,
+    languages: Sequence[str] | None,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    device: str | torch.device | None = None,
+    *,
+    batch_size: int = 32,
+    temperature: float = 0.9,
+    top_p: float = 0.95,
+    prompts: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, list[str]]:
+    """Let the model write ``num_samples`` texts, split over ``languages`` like the windows will be.
+
+    Each language gets ``samples_per_language(num_samples, languages)[lang]`` texts; text j starts
+    from that language's prompt ``j % n_prompts`` and continues for ``seq_len`` new tokens, so each
+    text yields one full window. Returns ``{lang: [prompt + continuation, ...]}``. ``device`` is
+    where the inputs go (default: the model's device); the model must already be there.
+    ``prompts`` overrides or extends :data:`PROMPTS` (needed for languages outside the 15).
+    """
+    langs = list(dict.fromkeys(languages if languages is not None else DEFAULT_LANGUAGES))
+    table = {**PROMPTS, **{k: tuple(v) for k, v in (prompts or {}).items()}}
+    unknown = [lang for lang in langs if not table.get(lang)]
+    if unknown:
+        raise CalibrationDataError(
+            f"No built-in prompts for language(s) {', '.join(unknown)} (built in: {', '.join(PROMPTS)}). "
+            "Give calibration text for them with --calibration-data, or pass prompts={lang: [openers]}."
+        )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    counts = samples_per_language(num_samples, langs)
+    dev = torch.device(device) if device is not None else _model_device(model)
+
+    jobs: list[tuple[str, list[int]]] = []  # (language, prompt token ids), in a fixed order
+    for lang in langs:
+        openers = table[lang]
+        for j in range(counts[lang]):
+            jobs.append((lang, list(tokenizer(openers[j % len(openers)], add_special_tokens=True)["input_ids"])))
+
+    eos = tokenizer.eos_token_id
+    gen_kwargs: dict[str, Any] = dict(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=seq_len,
+        min_new_tokens=seq_len,  # suppresses EOS: every text gets exactly seq_len new tokens
+        pad_token_id=pad_id,
+    )
+    if eos is not None:
+        gen_kwargs["eos_token_id"] = eos
+
+    texts: dict[str, list[str]] = {lang: [] for lang in langs}
+    was_training = model.training
+    model.eval()
+    fork_devices = [dev] if dev.type == "cuda" else []
+    start = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            if dev.type == "cuda":
+                torch.cuda.manual_seed(seed)
+            for b in range(0, len(jobs), batch_size):
+                batch = jobs[b : b + batch_size]
+                ids, mask = _left_pad([p for _, p in batch], pad_id)
+                out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **gen_kwargs)
+                for (lang, _), row, m in zip(batch, out.cpu(), mask):
+                    text = tokenizer.decode(row[int((m == 0).sum()) :], skip_special_tokens=True)
+                    texts[lang].append(text)
+                logger.info(
+                    "self-generated calibration: %d/%d texts (%d new tokens each), %.1f s",
+                    min(b + batch_size, len(jobs)), len(jobs), seq_len, time.perf_counter() - start,
+                )
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def self_generated_calibration(
+    model: Any,
+    tokenizer: Any,
+    languages: Sequence[str] | None,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    device: str | torch.device | None = None,
+    **generate_kwargs: Any,
+) -> CalibrationSet:
+    """:func:`generate_calibration_texts` then :func:`sample_calibration`: (num_samples, seq_len) windows.
+
+    The set is marked ``self_generated=True``. Extra keyword arguments go to the generator
+    (``batch_size``, ``temperature``, ``top_p``, ``prompts``).
+    """
+    langs = list(dict.fromkeys(languages if languages is not None else DEFAULT_LANGUAGES))
+    texts = generate_calibration_texts(model, tokenizer, langs, num_samples, seq_len, seed, device, **generate_kwargs)
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return sample_calibration(
+        texts,
+        tokenizer,
+        num_samples,
+        seq_len,
+        seed,
+        langs,
+        source=f"self-generated by {name} (seed {seed})",
+        self_generated=True,
+    )

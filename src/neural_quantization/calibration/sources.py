@@ -1,0 +1,214 @@
+"""Where calibration text comes from: files, Python objects, or a Hugging Face dataset.
+
+:func:`load_language_texts` turns any supported source into ``{language: [line, ...]}``. A line is
+one text unit (a sentence or paragraph); empty lines are dropped. Sampling token windows from
+these texts is :mod:`neural_quantization.calibration.sampling`'s job.
+
+Accepted sources
+    directory   ``{lang}.{split}.txt`` (preferred) or ``{lang}.txt`` per language, UTF-8, one text
+                unit per line. With ``split="calib"`` an ``{lang}.eval.txt`` file is never read.
+    file        one ``.txt`` file: keyed by its language code when its name starts with one of the
+                requested languages (``fr.txt``, ``fr.calib.txt``), else by ``"text"``.
+    list[str]   keyed by ``"text"``; each string may hold several lines.
+    dict        ``{lang: list[str] | str}``.
+    "hf:<dataset_id>[:config][:split]" or a hub dataset id ``org/name`` (not an existing path):
+                loaded with the ``datasets`` library (needs network access). A config containing
+                ``{lang}`` is loaded once per language (``hf:wikimedia/wikipedia:20231101.{lang}``).
+
+A source without language labels (list, unlabelled file, dataset without ``{lang}``) gives one
+bucket ``"text"``; balancing over languages then has nothing to balance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+__all__ = ["CalibrationDataError", "CalibrationSource", "load_language_texts", "split_lines"]
+
+CalibrationSource = Union[str, os.PathLike, Sequence[str], Mapping[str, Union[str, Sequence[str]]]]
+
+UNLABELLED = "text"
+_HF_ROWS_PER_LANGUAGE = 4000
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class CalibrationDataError(ValueError):
+    """Calibration data is missing, empty or too short; the message says how to fix it."""
+
+
+def split_lines(text: str | Sequence[str]) -> list[str]:
+    """Split text (or a list of texts) into non-empty, whitespace-stripped lines."""
+    chunks = [text] if isinstance(text, str) else list(text)
+    lines: list[str] = []
+    for chunk in chunks:
+        if not isinstance(chunk, str):
+            raise CalibrationDataError(
+                f"Calibration texts must be strings, got {type(chunk).__name__}; pass a list of str."
+            )
+        lines.extend(s for s in (line.strip() for line in chunk.splitlines()) if s)
+    return lines
+
+
+def _normalize_languages(languages: Sequence[str] | str | None) -> list[str] | None:
+    if languages is None:
+        return None
+    if isinstance(languages, str):
+        languages = [x for x in languages.replace(",", " ").split() if x]
+    out = list(dict.fromkeys(languages))  # unique, order kept
+    if not out:
+        raise CalibrationDataError("No languages requested; name at least one, e.g. ['en'].")
+    return out
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return split_lines(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CalibrationDataError(f"{path} is not valid UTF-8 ({e}); save it as UTF-8 text.") from e
+
+
+def _check_nonempty(texts: dict[str, list[str]], what: str) -> dict[str, list[str]]:
+    empty = [lang for lang, lines in texts.items() if not lines]
+    if not texts or len(empty) == len(texts):
+        raise CalibrationDataError(
+            f"The calibration data from {what} holds no text. Give text files with one sentence or "
+            "paragraph per line (e.g. ./data/en.calib.txt), or leave --calibration-data out to let "
+            "the model generate its own calibration text."
+        )
+    if empty:
+        raise CalibrationDataError(
+            f"The calibration data from {what} has no text for language(s) {', '.join(empty)}. Add text "
+            "for them or drop them from --target-languages."
+        )
+    return texts
+
+
+def _from_directory(directory: Path, languages: list[str] | None, split: str) -> dict[str, list[str]]:
+    if languages is None:  # every language the directory has a file for
+        found = {p.name.split(".")[0] for p in directory.glob(f"*.{split}.txt")}
+        found |= {p.stem for p in directory.glob("*.txt") if "." not in p.stem}
+        languages = sorted(found)
+        if not languages:
+            raise CalibrationDataError(
+                f"{directory} holds no calibration files; add {{lang}}.{split}.txt or {{lang}}.txt files "
+                f"(e.g. {directory / f'en.{split}.txt'}), one text unit per line."
+            )
+    texts: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for lang in languages:
+        for candidate in (directory / f"{lang}.{split}.txt", directory / f"{lang}.txt"):
+            if candidate.is_file():
+                texts[lang] = _read_lines(candidate)
+                break
+        else:
+            missing.append(lang)
+    if missing:
+        expected = ", ".join(f"{lang}.{split}.txt (or {lang}.txt)" for lang in missing)
+        have = sorted(texts)
+        raise CalibrationDataError(
+            f"No calibration text for language(s) {', '.join(missing)} in {directory}: expected {expected}. "
+            f"Add those files, or restrict --target-languages to the languages present"
+            + (f" ({','.join(have)})." if have else ".")
+        )
+    return _check_nonempty(texts, str(directory))
+
+
+def _from_file(path: Path, languages: list[str] | None) -> dict[str, list[str]]:
+    code = path.name.split(".")[0]
+    key = code if languages is not None and code in languages else UNLABELLED
+    return _check_nonempty({key: _read_lines(path)}, str(path))
+
+
+def _from_mapping(data: Mapping[str, str | Sequence[str]], languages: list[str] | None) -> dict[str, list[str]]:
+    wanted = list(data) if languages is None else languages
+    missing = [lang for lang in wanted if lang not in data]
+    if missing:
+        raise CalibrationDataError(
+            f"The calibration dict has no entry for language(s) {', '.join(missing)} (it has "
+            f"{', '.join(map(str, data)) or 'none'}). Add texts for them or drop them from the languages."
+        )
+    return _check_nonempty({lang: split_lines(data[lang]) for lang in wanted}, "the calibration dict")
+
+
+def _from_hf(spec: str, languages: list[str] | None, split: str) -> dict[str, list[str]]:
+    """``<dataset_id>[:config][:split]``; the first string column (``text`` preferred) is used."""
+    try:
+        import datasets  # noqa: F401  (optional dependency, imported only for this path)
+    except ImportError as e:
+        raise CalibrationDataError(
+            f"Loading calibration data from the Hugging Face dataset {spec!r} needs the `datasets` "
+            "package: pip install datasets. Or pass a local directory of {lang}.calib.txt files."
+        ) from e
+    from datasets import load_dataset
+
+    parts = spec.split(":")
+    dataset_id = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    hf_split = parts[2] if len(parts) > 2 and parts[2] else ("train" if split == "calib" else split)
+
+    def rows(cfg: str | None) -> list[str]:
+        ds = load_dataset(dataset_id, cfg, split=hf_split, streaming=True)
+        lines: list[str] = []
+        column = None
+        for i, row in enumerate(ds):
+            if column is None:
+                strings = [k for k, v in row.items() if isinstance(v, str)]
+                if not strings:
+                    raise CalibrationDataError(f"Dataset {dataset_id!r} has no text column; pass local text files.")
+                column = "text" if "text" in strings else strings[0]
+            lines.extend(split_lines(row[column]))
+            if i + 1 >= _HF_ROWS_PER_LANGUAGE:
+                break
+        return lines
+
+    if config and "{lang}" in config:
+        if languages is None:
+            raise CalibrationDataError(f"{spec!r} has a {{lang}} placeholder; name the languages to load.")
+        texts = {lang: rows(config.replace("{lang}", lang)) for lang in languages}
+    else:
+        texts = {UNLABELLED: rows(config)}
+    return _check_nonempty(texts, f"dataset {dataset_id}")
+
+
+def load_language_texts(
+    source: CalibrationSource,
+    languages: Sequence[str] | str | None,
+    split: str = "calib",
+) -> dict[str, list[str]]:
+    """Read calibration text from ``source`` as ``{language: [non-empty line, ...]}``.
+
+    ``languages`` lists the languages wanted (a list or "en,fr"); ``None`` takes whatever the source
+    holds. Every requested language must have text, else :class:`CalibrationDataError` names the
+    missing files and how to fix it. ``split`` picks ``{lang}.{split}.txt`` files in a directory.
+
+    Example: a directory with ``en.calib.txt`` (2 lines) and ``fr.txt`` (3 lines) and
+    ``languages=["en", "fr"]`` gives ``{"en": [2 lines], "fr": [3 lines]}``.
+    """
+    langs = _normalize_languages(languages)
+    if isinstance(source, Mapping):
+        return _from_mapping(source, langs)
+    if isinstance(source, (list, tuple)):
+        return _check_nonempty({UNLABELLED: split_lines(source)}, "the list of texts")
+    if not isinstance(source, (str, os.PathLike)):
+        raise CalibrationDataError(
+            f"Unsupported calibration source of type {type(source).__name__}; pass a directory, a text file, "
+            "a list of strings, a dict {language: texts}, or 'hf:<dataset_id>'."
+        )
+    name = os.fspath(source)
+    if name.startswith("hf:"):
+        return _from_hf(name[3:], langs, split)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _from_directory(path, langs, split)
+    if path.is_file():
+        return _from_file(path, langs)
+    if _HUB_ID.match(name):
+        return _from_hf(name, langs, split)
+    raise CalibrationDataError(
+        f"Calibration source {name!r} does not exist. Pass a directory of {{lang}}.{split}.txt files, a text "
+        "file, 'hf:<dataset_id>[:config][:split]' for a Hugging Face dataset, or leave it out to let the "
+        "model generate its own calibration text."
+    )

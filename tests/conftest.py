@@ -1,0 +1,50 @@
+"""Shared test fixtures: a tiny offline tokenizer and the workspace's multilingual data (if present)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TINY_CORPUS = [
+    "the cat sat on the mat and the dog sat on the rug",
+    "a bird sings in the tree while the sun rises over the hill",
+    "le chat dort sur le tapis et le chien mange dans la cuisine",
+    "der hund läuft im park und die katze schläft auf dem sofa",
+    "el perro corre en el parque y el gato duerme en la casa",
+]
+
+
+def make_tiny_tokenizer(add_bos: bool = False):
+    """A word-level ``PreTrainedTokenizerFast`` over TINY_CORPUS, built offline in milliseconds.
+
+    Special tokens: [PAD]=0, [UNK]=1, <s>=2 (bos), </s>=3 (eos). With ``add_bos`` it prepends <s>
+    by default, like Llama/Gemma tokenizers do.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "<s>", "</s>"]
+    words = sorted({w for line in TINY_CORPUS for w in line.split()})
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def shared_data_dir() -> Path | None:
+    """``../shared/data/multilingual`` next to the repository, or None where it does not exist."""
+    path = (REPO_ROOT / ".." / "shared" / "data" / "multilingual").resolve()
+    return path if path.is_dir() else None
