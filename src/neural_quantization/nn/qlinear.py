@@ -4,6 +4,12 @@ Its buffers are exactly the tensors of the checkpoint (``qweight``, ``qzeros``, 
 ``g_idx``, optional ``bias``; layout in ``formats/gptq.py``), so ``state_dict()`` of a quantized
 model *is* the checkpoint, and loading it back gives bit-identical outputs. The matmul goes through
 ``kernels.ops.quant_linear`` with the layer's ``kernel_backend``.
+
+Kernel layout (lazy, load-time): the first eager forward on a CUDA device calls
+:meth:`QuantLinear.prepare_kernels`, which computes the kernel order once (act-order checkpoints
+are sorted by group, see ``kernels/triton/layout.py``) and keeps it in non-persistent buffers, so
+``state_dict()`` stays the GPTQ checkpoint. Run one eager forward (or call ``prepare_kernels``)
+before capturing CUDA graphs or compiling; loading a state dict drops the prepared layout.
 """
 
 from __future__ import annotations
@@ -81,7 +87,55 @@ class QuantLinear(nn.Module):
         """The weight (out_features, in_features) this layer computes with."""
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features, dtype)
 
+    _kernel_layout = None  # (group_size, symmetric, act_order) once prepared, False if unsupported
+
+    def prepare_kernels(self) -> None:
+        """Compute the kernels' layout of this layer now (synchronizes; call outside graph capture).
+
+        Act-order layers get a group-sorted copy of ``qweight`` and the permutation of input
+        columns as non-persistent buffers (``kernel_qweight``, ``kernel_perm``); other layers read
+        the checkpoint tensors directly. Layers the kernels cannot run keep using the reference.
+        """
+        layout = ops.prepare(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
+        if layout is None:
+            self._kernel_layout = False
+            return
+        act_order = layout.perm is not None
+        if act_order:
+            self.register_buffer("kernel_qweight", layout.qweight, persistent=False)
+            self.register_buffer("kernel_perm", layout.perm, persistent=False)
+        self._kernel_layout = (layout.group_size, layout.symmetric, act_order)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._kernel_layout = None
+        for name in ("kernel_qweight", "kernel_perm"):
+            self._buffers.pop(name, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self._kernel_layout is None
+            and x.is_cuda
+            and self.kernel_backend != "torch"
+            and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing()
+        ):
+            self.prepare_kernels()
+        if self._kernel_layout:
+            group_size, symmetric, act_order = self._kernel_layout
+            return ops.quant_linear_prepared(
+                x,
+                self.kernel_qweight if act_order else self.qweight,
+                self.qzeros,
+                self.scales,
+                self.kernel_perm if act_order else None,
+                self.bias,
+                self.bits,
+                group_size,
+                self.in_features,
+                symmetric,
+                self.kernel_backend,
+            )
         return ops.quant_linear(
             x,
             self.qweight,
@@ -91,7 +145,7 @@ class QuantLinear(nn.Module):
             self.bias,
             self.bits,
             self.in_features,
-            self.kernel_backend,
+            "torch" if self._kernel_layout is False else self.kernel_backend,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,326 @@
+"""Launch the Triton kernels, choose one per shape, and cache the choice.
+
+Strategies (one file each in this package):
+
+* ``gemv``    ``gemv_splitk.py``: CUDA-core split-K GEMV, BLOCK_M = M rounded up to a power of 2 ≤ 8;
+* ``dot``     ``dot_splitk.py``: tensor-core split-K GEMM, BLOCK_M ∈ {16, 32, 64};
+* ``dequant`` ``dequant_matmul.py``: dequantize to a temporary weight, then cuBLAS (large M).
+
+The choice is cached per key ``(device, M bucket, K, N, dtype, bits, group mode, symmetric,
+act-order)`` with M buckets 1, 2, 4, 8, 16, 32, 64, … (next power of two). A missing key is tuned on
+the spot when that is safe (an eager call on CUDA, not inside a graph capture or a torch.compile
+trace, and ``NQ_KERNEL_AUTOTUNE`` not set to 0): every candidate is timed in a private CUDA graph
+of back-to-back launches and the fastest is kept. Where tuning is not safe the heuristic
+:func:`default_config` is used, so nothing on the call path ever synchronizes inside a capture.
+Tuning results can be saved and loaded (``export_tuning`` / ``import_tuning``) to tune ahead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+
+from neural_quantization.kernels.triton.dequant_matmul import dequantize_kernel
+from neural_quantization.kernels.triton.dot_splitk import dot_splitk_kernel
+from neural_quantization.kernels.triton.gemv_splitk import gemv_splitk_kernel
+
+STRATEGIES = ("gemv", "dot", "dequant")
+_MAX_GEMV_M = 8
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One launch: strategy, tile sizes, split-K factor (programs along K) and Triton settings."""
+
+    strategy: str
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def describe(self) -> str:
+        return (f"{self.strategy}[m{self.block_m} n{self.block_n} k{self.block_k} split{self.split_k} "
+                f"w{self.num_warps} s{self.num_stages}]")
+
+
+def m_bucket(m: int) -> int:
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+# ---------------------------------------------------------------------------------------------
+# split-K ticket counters (see common.finish_output): zero at rest, one int32 per output tile
+_TICKETS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor | None:
+    key = (device.type, device.index)
+    buffer = _TICKETS.get(key)
+    if buffer is None or buffer.numel() < count:
+        if _capturing(device):
+            return None  # cannot allocate persistent zeroed memory inside a capture: run without split
+        buffer = torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device)
+        _TICKETS[key] = buffer
+    return buffer
+
+
+def reserve_tickets(device: torch.device, count: int = 1 << 16) -> None:
+    """Allocate the split-K counters ahead (call before graph capture if not done by an eager call)."""
+    _tickets(torch.device(device), count)
+
+
+# ---------------------------------------------------------------------------------------------
+def _half_magic(dtype: torch.dtype, bits: int) -> tuple[int, int]:
+    """(bit pattern, value) of the 16-bit magic number that turns a code into ``magic + code``."""
+    if dtype == torch.float16:
+        return 0x6400, 1024
+    if dtype == torch.bfloat16 and bits == 4:
+        return 0x4300, 128
+    return 0, 0
+
+
+def launch(
+    config: LaunchConfig,
+    x2d: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    symmetric: bool,
+) -> torch.Tensor:
+    """``y = x2d[:, perm] @ W^T + bias`` (M, N) in x2d's dtype, with one strategy and tiling."""
+    M, K, N = x2d.shape[0], in_features, qweight.shape[1]
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    if config.strategy == "dequant":
+        return _dequant_matmul(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, K, symmetric)
+    out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_() if bias is None else out.copy_(bias.to(out.dtype).expand_as(out))
+    num_tiles = triton.cdiv(K, config.block_k)
+    tiles_per_split = triton.cdiv(num_tiles, max(1, min(config.split_k, num_tiles)))
+    split_k = triton.cdiv(num_tiles, tiles_per_split)
+    grid = (triton.cdiv(N, config.block_n), split_k, triton.cdiv(M, config.block_m))
+    tickets = _tickets(x2d.device, grid[0] * grid[2]) if split_k > 1 else None
+    if split_k > 1 and tickets is None:
+        tiles_per_split, split_k = num_tiles, 1
+        grid = (grid[0], 1, grid[2])
+    partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x2d.device) if split_k > 1 else out
+    common = dict(
+        BITS=bits, SYMMETRIC=symmetric, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
+        SCALE_PER_TILE=group_size % config.block_k == 0, USE_SPLIT=split_k > 1,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    args = (x2d, qweight, scales, qzeros, qweight if perm is None else perm, out if bias is None else bias, out,
+            partial, out if tickets is None else tickets,
+            M, N, K, x2d.stride(0), out.stride(0), group_size, tiles_per_split, split_k)
+    if config.strategy == "gemv":
+        gemv_splitk_kernel[grid](*args, **common)
+    elif config.strategy == "dot":
+        magic, magic_value = _half_magic(x2d.dtype, bits)
+        interpreted_bf16 = x2d.device.type != "cuda" and x2d.dtype == torch.bfloat16
+        dot_splitk_kernel[grid](*args, HALF_MAGIC=magic, HALF_MAGIC_VALUE=magic_value,
+                                DOT_IN_FP32=interpreted_bf16, **common)
+    else:
+        raise ValueError(f"unknown strategy {config.strategy!r}; expected one of {STRATEGIES}")
+    return out
+
+
+def dequantize_to_dense(qweight, qzeros, scales, bits, group_size, in_features, symmetric, dtype,
+                        block_n: int = 64, block_k: int = 128) -> torch.Tensor:
+    """The weight transposed, ``Wt`` (K, N) in kernel order and ``dtype`` (see ``dequant_matmul.py``)."""
+    N = qweight.shape[1]
+    weight_t = torch.empty((in_features, N), dtype=dtype, device=qweight.device)
+    if in_features and N:
+        grid = (triton.cdiv(N, block_n), triton.cdiv(in_features, block_k))
+        dequantize_kernel[grid](qweight, scales, qzeros, weight_t, N, in_features, group_size,
+                                BITS=bits, SYMMETRIC=symmetric, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return weight_t
+
+
+def _dequant_matmul(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, K, symmetric):
+    weight_t = dequantize_to_dense(qweight, qzeros, scales, bits, group_size, K, symmetric, x2d.dtype,
+                                   config.block_n, config.block_k)
+    if perm is not None:
+        x2d = x2d.index_select(1, perm.long())
+    out = x2d @ weight_t
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+def _auto_split(programs: int, num_tiles: int, sm_count: int, waves: float) -> int:
+    """Split-K factor that brings the grid to about ``waves`` × SMs programs (≥ 1 tile per split)."""
+    return int(max(1, min(num_tiles, round(waves * sm_count / max(programs, 1)))))
+
+
+def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int) -> list[LaunchConfig]:
+    """The configurations tuning tries for this shape (every one computes the same function)."""
+    per_word = 32 // bits
+    bucket = m_bucket(M)
+    found: list[LaunchConfig] = []
+
+    def add(strategy, bm, bn, bk, warps, stages, waves_list):
+        if bk // per_word < (16 if strategy == "dot" else 1):
+            return
+        num_tiles = triton.cdiv(K, bk)
+        programs = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+        for waves in waves_list:
+            cfg = LaunchConfig(strategy, bm, bn, bk, _auto_split(programs, num_tiles, sm_count, waves), warps, stages)
+            if cfg not in found:
+                found.append(cfg)
+
+    if bucket <= _MAX_GEMV_M:
+        for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8)):
+            add("gemv", bucket, bn, bk if bits == 4 else bk // 2, warps, 2, (2, 4, 8))
+    if bucket >= 2:
+        bm = min(max(bucket, 16), 64)
+        for bn, stages in ((32, 3), (64, 3), (64, 4), (128, 3)):
+            add("dot", bm, bn, 128 if bits == 4 else 64, 4, stages, (1, 2, 4))
+        if bucket >= 128:
+            add("dot", 64, 128, 128 if bits == 4 else 64, 8, 3, (1,))
+            add("dot", 128, 128, 128 if bits == 4 else 64, 8, 3, (1,))
+    if bucket >= 64:
+        found.append(LaunchConfig("dequant", bucket, 64, 128 if bits == 4 else 64))
+    return found
+
+
+def default_config(M: int, K: int, N: int, bits: int, sm_count: int) -> LaunchConfig:
+    """The untuned choice: GEMV up to M = 4, tensor cores above, about 4 waves of programs."""
+    per_word = 32 // bits
+    bucket = m_bucket(M)
+    if bucket <= 4:
+        bm, bn, bk, strategy = bucket, 64, 256 if bits == 4 else 128, "gemv"
+    else:
+        bm, bn, bk, strategy = min(max(bucket, 16), 64), 64, 128 if bits == 4 else 64, "dot"
+    del per_word
+    programs = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+    return LaunchConfig(strategy, bm, bn, bk, _auto_split(programs, triton.cdiv(K, bk), sm_count, 4), 4, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+_TUNED: dict[tuple, LaunchConfig] = {}
+TUNING_LOG: list[dict] = []
+
+
+def _key(x2d, K, N, bits, group_size, symmetric, has_perm):
+    device = x2d.device
+    return (str(device), m_bucket(x2d.shape[0]), K, N, str(x2d.dtype), bits, group_size, symmetric, has_perm)
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("NQ_KERNEL_AUTOTUNE", "1") not in ("0", "false", "False", "")
+
+
+def _time_in_graph(fn, calls: int = 10, repeats: int = 5) -> float:
+    """Median µs per call of ``fn`` over ``repeats`` replays of a graph holding ``calls`` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric) -> LaunchConfig:
+    """Time every candidate on these inputs (eagerly, CUDA only) and cache the fastest."""
+    M, N = x2d.shape[0], qweight.shape[1]
+    sm_count = _sm_count(x2d.device)
+    _tickets(x2d.device, 1 << 16)
+    best, best_time, timings = None, float("inf"), {}
+    for config in candidate_configs(M, in_features, N, bits, sm_count):
+        def call(config=config):
+            return launch(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features,
+                          symmetric)
+        try:
+            call()
+            torch.cuda.synchronize(x2d.device)
+            elapsed = _time_in_graph(call)
+        except Exception as error:  # a configuration that does not compile or fit is skipped
+            timings[config.describe()] = f"failed: {type(error).__name__}"
+            continue
+        timings[config.describe()] = round(elapsed, 2)
+        if elapsed < best_time:
+            best, best_time = config, elapsed
+    if best is None:
+        best = default_config(M, in_features, N, bits, sm_count)
+    key = _key(x2d, in_features, N, bits, group_size, symmetric, perm is not None)
+    _TUNED[key] = best
+    TUNING_LOG.append({"key": list(map(str, key)), "best": best.describe(), "best_us": round(best_time, 2),
+                       "timings_us": timings})
+    return best
+
+
+def select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric):
+    """The cached choice for this shape, tuning it first when that is safe (see module docstring)."""
+    key = _key(x2d, in_features, qweight.shape[1], bits, group_size, symmetric, perm is not None)
+    config = _TUNED.get(key)
+    if config is not None:
+        return config
+    device = x2d.device
+    compiling = torch.compiler.is_compiling()
+    if device.type == "cuda" and autotune_enabled() and not compiling and not _capturing(device):
+        return tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
+    return default_config(x2d.shape[0], in_features, qweight.shape[1], bits, _sm_count(device))
+
+
+def run(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric,
+        config: LaunchConfig | None = None) -> torch.Tensor:
+    """Dispatch one quantized matmul (``config`` forces a choice, for tests and benchmarks)."""
+    if config is None:
+        config = select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
+    return launch(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
+
+
+def export_tuning(path: str) -> None:
+    """Write the tuned choices to JSON (to reuse with :func:`import_tuning`, tuning ahead)."""
+    rows = [{"key": list(key), "config": asdict(cfg)} for key, cfg in _TUNED.items()]
+    with open(path, "w") as handle:
+        json.dump(rows, handle, indent=1)
+
+
+def import_tuning(path: str) -> int:
+    """Load choices written by :func:`export_tuning`; returns how many were loaded."""
+    with open(path) as handle:
+        rows = json.load(handle)
+    for row in rows:
+        key = row["key"]
+        key = (key[0], int(key[1]), int(key[2]), int(key[3]), key[4], int(key[5]), int(key[6]), bool(key[7]),
+               bool(key[8]))
+        _TUNED[key] = LaunchConfig(**row["config"])
+    return len(rows)
