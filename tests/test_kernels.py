@@ -1,0 +1,245 @@
+"""Triton kernels against ``kernels/reference.py``.
+
+Without a GPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1`` is set below,
+before any kernel module is imported); with a GPU they run for real and the CUDA-only tests run too.
+Shapes are small and odd on purpose: K not a multiple of 128 (or of 8), N an odd multiple of 8,
+M = 1, 3, 16, 33.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from neural_quantization.config import QuantizationConfig  # noqa: E402
+from neural_quantization.core.rtn import rtn_quantize  # noqa: E402
+from neural_quantization.formats.packing import pack, unpack  # noqa: E402
+from neural_quantization.kernels import ops  # noqa: E402
+from neural_quantization.kernels.reference import quant_linear_reference  # noqa: E402
+from neural_quantization.kernels.triton import dispatch  # noqa: E402
+from neural_quantization.kernels.triton.dispatch import LaunchConfig, launch  # noqa: E402
+from neural_quantization.kernels.triton.layout import prepare_kernel_layout  # noqa: E402
+from neural_quantization.nn.qlinear import QuantLinear  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+def random_gptq(in_features, out_features, bits, group_size, sym, act_order, seed, device=DEVICE):
+    """Random GPTQ tensors; with ``act_order`` the groups are assigned through a random permutation
+    (``g_idx[perm[i]] = i // group_size``), as desc_act checkpoints have."""
+    gen = torch.Generator().manual_seed(seed)
+    size = in_features if group_size == -1 else group_size
+    groups = -(-in_features // size)
+    maxq = (1 << bits) - 1
+    codes = torch.randint(0, maxq + 1, (in_features, out_features), generator=gen, dtype=torch.int32)
+    if sym:
+        zeros = torch.full((groups, out_features), 1 << (bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.randint(1, maxq + 1, (groups, out_features), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(groups, out_features, generator=gen) * 0.05 + 0.005).half()
+    order = torch.arange(in_features) // size
+    if act_order:
+        g_idx = torch.empty(in_features, dtype=torch.int64)
+        g_idx[torch.randperm(in_features, generator=gen)] = order
+    else:
+        g_idx = order
+    return {
+        "qweight": pack(codes, bits, dim=0).to(device),
+        "qzeros": pack(zeros - 1, bits, dim=1).to(device),
+        "scales": scales.to(device),
+        "g_idx": g_idx.to(torch.int32).to(device),
+    }
+
+
+def relative_error(out, ref):
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or wrong element)"
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+# (strategy, M, K, N, bits, group_size, sym, act_order, dtype, split_k, block_n, block_k)
+CASES = [
+    ("gemv", 1, 200, 40, 4, 32, False, False, torch.float16, 3, 32, 64),
+    ("gemv", 1, 196, 24, 4, 128, True, True, torch.bfloat16, 1, 32, 128),
+    ("gemv", 3, 200, 40, 4, -1, True, False, torch.float16, 2, 32, 64),
+    ("gemv", 3, 320, 40, 4, 64, False, True, torch.float16, 4, 16, 64),
+    ("gemv", 1, 200, 40, 8, 128, False, False, torch.bfloat16, 2, 32, 64),
+    ("gemv", 3, 200, 24, 8, 32, True, True, torch.float16, 1, 32, 32),
+    ("dot", 3, 200, 40, 4, 32, False, True, torch.float16, 2, 32, 128),
+    ("dot", 16, 392, 40, 4, 128, True, False, torch.bfloat16, 3, 32, 128),
+    ("dot", 33, 200, 40, 4, -1, False, False, torch.float16, 1, 32, 128),
+    ("dot", 16, 256, 24, 4, 64, True, True, torch.bfloat16, 2, 16, 128),
+    ("dot", 33, 200, 40, 8, 64, False, False, torch.float16, 2, 32, 64),
+    ("dot", 3, 196, 40, 8, -1, True, True, torch.bfloat16, 1, 16, 64),
+    ("dequant", 33, 200, 40, 4, 32, False, True, torch.float16, 1, 32, 128),
+    ("dequant", 16, 196, 24, 8, 128, True, False, torch.bfloat16, 1, 16, 64),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:8])) + f"-{str(c[8])[6:]}")
+def test_kernel_matches_reference(case):
+    strategy, m, k, n, bits, group, sym, act_order, dtype, split, block_n, block_k = case
+    t = random_gptq(k, n, bits, group, sym, act_order, seed=m * 7 + k + n)
+    layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, k)
+    assert layout is not None
+    assert layout.symmetric == sym
+    assert (layout.perm is not None) == (act_order and group != -1)  # one group needs no sorting
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    config = LaunchConfig(strategy, 16 if strategy != "gemv" else (1 if m == 1 else 4), block_n, block_k, split)
+    out = launch(config, x, layout.qweight, t["qzeros"], t["scales"], layout.perm, bias, bits,
+                 layout.group_size, k, layout.symmetric)
+    ref = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias.double(),
+                                 bits, k)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+def test_split_k_is_deterministic_and_resets_its_counters():
+    t = random_gptq(512, 40, 4, 64, False, False, seed=1)
+    layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 512)
+    x = torch.randn(2, 512, device=DEVICE).half()
+    config = LaunchConfig("gemv", 2, 16, 64, 8)
+    first = launch(config, x, layout.qweight, t["qzeros"], t["scales"], None, None, 4, layout.group_size, 512, False)
+    second = launch(config, x, layout.qweight, t["qzeros"], t["scales"], None, None, 4, layout.group_size, 512, False)
+    assert torch.equal(first, second)
+    tickets = dispatch._TICKETS[(torch.device(DEVICE).type, torch.device(DEVICE).index)]
+    assert int(tickets.abs().sum()) == 0
+
+
+def test_layout_permutes_act_order_rows_and_rejects_unsupported():
+    t = random_gptq(96, 16, 4, 32, True, True, seed=3)
+    layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 96)
+    codes = unpack(t["qweight"], 4, 96)
+    assert torch.equal(unpack(layout.qweight, 4, 96), codes[layout.perm.long()])
+    assert torch.equal(t["g_idx"][layout.perm.long()].long(), torch.arange(96, device=DEVICE) // 32)
+    assert prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 3, 96) is None
+    ragged = t["g_idx"].clone()
+    ragged[ragged == 1] = 0  # group 0 twice as long as the others: not a kernel layout
+    assert prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], ragged, 4, 96) is None
+
+
+def _act_order_layer(backend, in_features=136, out_features=40):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features, bias=True)
+    qw = rtn_quantize(linear.weight.detach(), QuantizationConfig(bits=4, group_size=32, sym=False, method="rtn"))
+    perm = torch.randperm(in_features)
+    qw.g_idx = qw.g_idx[perm].contiguous()  # a valid act-order g_idx (the codes stay consistent with it)
+    layer = QuantLinear.from_quantized(linear, qw, kernel_backend=backend)
+    return layer.to(DEVICE)
+
+
+def test_quant_linear_triton_backend_matches_torch_backend_with_act_order():
+    layer = _act_order_layer("triton").half()
+    x = torch.randn(3, 5, 136, device=DEVICE).half()
+    fast = layer(x)
+    layer.kernel_backend = "torch"
+    ref = layer(x)
+    assert fast.shape == (3, 5, 40)
+    assert relative_error(fast, ref.double()) < 3e-3
+    assert not any(name.startswith("kernel_") for name in layer.state_dict())
+
+
+def test_prepared_layer_survives_state_dict_round_trip():
+    layer = _act_order_layer("triton").half()
+    layer.prepare_kernels()
+    assert layer._kernel_layout and "kernel_qweight" in dict(layer.named_buffers())
+    state = layer.state_dict()
+    assert "kernel_qweight" not in state
+    layer.load_state_dict(state)
+    assert layer._kernel_layout is None and "kernel_qweight" not in dict(layer.named_buffers())
+    x = torch.randn(2, 136, device=DEVICE).half()
+    expected = quant_linear_reference(x.double(), layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
+                                      layer.bias.double(), 4, 136)
+    assert relative_error(layer(x), expected) < 3e-3
+
+
+def test_custom_op_fake_implementation_and_compile():
+    t = random_gptq(64, 24, 4, 32, False, True, seed=5, device="cpu")
+    layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 64)
+    args = (layout.qweight, t["qzeros"], t["scales"], layout.perm, None, 4, layout.group_size, 64,
+            layout.symmetric, "torch")
+    x = torch.randn(2, 3, 64).half()
+    torch.library.opcheck(torch.ops.neural_quantization.gptq_matmul.default, (x, *args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def f(inp):
+        return torch.ops.neural_quantization.gptq_matmul(inp, *args) * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    expected = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 64)
+    assert relative_error(compiled(x), 2 * expected) < 3e-3
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    t = random_gptq(64, 16, 4, 32, True, False, seed=6, device="cpu")
+    x = torch.randn(2, 64)
+    out = ops.quant_linear(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 64, "auto")
+    ref = quant_linear_reference(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 64)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError):
+        ops.quant_linear(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 64, "cuda-magic")
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 130])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,sym,act_order", [(128, True, False), (32, False, True), (-1, False, False)])
+def test_cuda_auto_dispatch_matches_reference(m, dtype, group, sym, act_order):
+    t = random_gptq(4096 + 136, 1032, 4, group, sym, act_order, seed=m)
+    layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 4096 + 136)
+    x = torch.randn(m, 4096 + 136, device="cuda").to(dtype)
+    out = ops.quant_linear(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 4096 + 136, "auto",
+                           layout=layout)
+    ref = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, 4096 + 136)
+    assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_every_candidate_matches_reference():
+    """Every configuration tuning may pick computes the same function (odd shape, asym, act-order)."""
+    for m, bits in ((1, 4), (4, 4), (16, 8), (64, 4)):
+        t = random_gptq(1160, 520, bits, 64, False, True, seed=m)
+        layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1160)
+        x = torch.randn(m, 1160, device="cuda").half()
+        ref = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, bits, 1160)
+        for config in dispatch.candidate_configs(m, 1160, 520, bits, 132):
+            out = launch(config, x, layout.qweight, t["qzeros"], t["scales"], layout.perm, None, bits,
+                         layout.group_size, 1160, layout.symmetric)
+            assert relative_error(out, ref) < 3e-3, config
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_graph_capture_of_quant_linear():
+    layer = _act_order_layer("auto").half()
+    x = torch.randn(1, 136, device="cuda").half()
+    eager = layer(x)  # first eager call prepares the layout and tunes
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer(static_x)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert relative_error(static_out, layer.float()(static_x.float()).double() if False else
+                          quant_linear_reference(static_x.double(), layer.qweight, layer.qzeros, layer.scales,
+                                                 layer.g_idx, layer.bias.double(), 4, 136)) < 3e-3
+    assert eager.shape == static_out.shape
