@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 #: bits of the fp32 number 2**23: OR-ing an integer q < 2**23 into its mantissa gives 2**23 + q.
-FP32_MAGIC = 0x4B000000
-FP32_MAGIC_VALUE = 8388608.0
+FP32_MAGIC = tl.constexpr(0x4B000000)
+FP32_MAGIC_VALUE = tl.constexpr(8388608.0)
 
 
 @triton.jit
