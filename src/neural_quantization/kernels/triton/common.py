@@ -13,9 +13,9 @@ Notation used by every kernel in this package (the "kernel order" of ``kernels/t
 
     y[m, n] = Σ_k x[m, perm[k]] · scales[g(k), n] · (q[k, n] - zero[g(k), n])
 
-A kernel loads a (BLOCK_K / P, BLOCK_N) tile of words and treats nibble ``j`` of every word as one
-(BLOCK_K / P, BLOCK_N) sub-tile whose rows are the positions ``k0 + P·r + j``; the matching
-activations are the strided columns ``x[:, k0 + P·r + j]``. No interleave or shuffle is needed.
+A kernel loads a (BLOCK_K / P, BLOCK_N) tile of words (16-byte loads along N, coalesced) and
+:func:`unpack_tile` expands it in registers into the (BLOCK_K, BLOCK_N) tile of codes in natural k
+order, so the activations are one contiguous (BLOCK_M, BLOCK_K) load and one ``tl.dot``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,33 @@ FP32_MAGIC_VALUE = tl.constexpr(8388608.0)
 def extract_codes(words, j: tl.constexpr, BITS: tl.constexpr):
     """Code ``j`` of every int32 word: ``(words >> BITS·j) & (2**BITS - 1)`` (int32, ≥ 0)."""
     return (words >> (j * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def unpack_tile(words, BITS: tl.constexpr):
+    """(R, BLOCK_N) int32 words -> (R·P, BLOCK_N) int32 codes with ``codes[P·r + j] = code j of word r``.
+
+    The P codes of a word are stacked on a new trailing axis with ``tl.join`` (a binary tree whose
+    leaves are ordered so the stacked index is j), which keeps them in one thread's registers; a
+    permute and a reshape then interleave them into the K axis.
+    """
+    R: tl.constexpr = words.shape[0]
+    BLOCK_N: tl.constexpr = words.shape[1]
+    if BITS == 4:
+        stacked = tl.join(
+            tl.join(tl.join(extract_codes(words, 0, 4), extract_codes(words, 4, 4)),
+                    tl.join(extract_codes(words, 2, 4), extract_codes(words, 6, 4))),
+            tl.join(tl.join(extract_codes(words, 1, 4), extract_codes(words, 5, 4)),
+                    tl.join(extract_codes(words, 3, 4), extract_codes(words, 7, 4))),
+        )  # (R, N, 2, 2, 2): index (c, b, a) holds code j = 4c + 2b + a
+        stacked = tl.reshape(stacked, (R, BLOCK_N, 8))
+        codes = tl.reshape(tl.permute(stacked, (0, 2, 1)), (R * 8, BLOCK_N))
+    else:
+        stacked = tl.join(tl.join(extract_codes(words, 0, 8), extract_codes(words, 2, 8)),
+                          tl.join(extract_codes(words, 1, 8), extract_codes(words, 3, 8)))
+        stacked = tl.reshape(stacked, (R, BLOCK_N, 4))
+        codes = tl.reshape(tl.permute(stacked, (0, 2, 1)), (R * 4, BLOCK_N))
+    return codes
 
 
 @triton.jit

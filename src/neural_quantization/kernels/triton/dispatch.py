@@ -2,7 +2,7 @@
 
 Strategies (one file each in this package):
 
-* ``gemv``    ``gemv_splitk.py``: CUDA-core split-K GEMV, BLOCK_M = M rounded up to a power of 2 ≤ 8;
+* ``gemv``    ``gemv_splitk.py``: CUDA-core split-K GEMV, one activation row per program (M ≤ 2);
 * ``dot``     ``dot_splitk.py``: tensor-core split-K GEMM, BLOCK_M ∈ {16, 32, 64};
 * ``dequant`` ``dequant_matmul.py``: dequantize to a temporary weight, then cuBLAS (large M).
 
@@ -29,7 +29,6 @@ from neural_quantization.kernels.triton.dot_splitk import dot_splitk_kernel
 from neural_quantization.kernels.triton.gemv_splitk import gemv_splitk_kernel
 
 STRATEGIES = ("gemv", "dot", "dequant")
-_MAX_GEMV_M = 8
 
 
 @dataclass(frozen=True)
@@ -175,15 +174,25 @@ def _auto_split(programs: int, num_tiles: int, sm_count: int, waves: float) -> i
     return int(max(1, min(num_tiles, round(waves * sm_count / max(programs, 1)))))
 
 
-def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int) -> list[LaunchConfig]:
+def _fit_block_k(block_k: int, group_size: int) -> int:
+    """The largest power of two ≤ ``block_k`` (and ≥ 16) dividing ``group_size``, so one tile needs
+    one row of scales; ``block_k`` itself where none does (the kernels then scale per weight)."""
+    size = block_k
+    while size >= 16:
+        if group_size % size == 0:
+            return size
+        size //= 2
+    return block_k
+
+
+def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int, group_size: int = 1 << 30
+                      ) -> list[LaunchConfig]:
     """The configurations tuning tries for this shape (every one computes the same function)."""
-    per_word = 32 // bits
     bucket = m_bucket(M)
     found: list[LaunchConfig] = []
 
     def add(strategy, bm, bn, bk, warps, stages, waves_list):
-        if bk // per_word < (16 if strategy == "dot" else 1):
-            return
+        bk = _fit_block_k(bk, group_size)
         num_tiles = triton.cdiv(K, bk)
         programs = triton.cdiv(N, bn) * triton.cdiv(M, bm)
         for waves in waves_list:
@@ -191,32 +200,32 @@ def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int) -> list[
             if cfg not in found:
                 found.append(cfg)
 
-    if bucket <= _MAX_GEMV_M:
-        for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8)):
-            add("gemv", bucket, bn, bk if bits == 4 else bk // 2, warps, 2, (2, 4, 8))
+    if bucket <= 2:
+        for bn, bk, warps in ((64, 128, 4), (32, 256, 4), (128, 128, 8), (64, 256, 8), (32, 512, 8)):
+            add("gemv", 1, bn, bk, warps, 3, (2, 4, 8))
     if bucket >= 2:
         bm = min(max(bucket, 16), 64)
-        for bn, stages in ((32, 3), (64, 3), (64, 4), (128, 3)):
-            add("dot", bm, bn, 128 if bits == 4 else 64, 4, stages, (1, 2, 4))
+        for bn, bk, warps, stages in ((64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (128, 256, 8, 3),
+                                      (32, 256, 4, 4)):
+            add("dot", bm, bn, bk, warps, stages, (2, 4))
         if bucket >= 128:
-            add("dot", 64, 128, 128 if bits == 4 else 64, 8, 3, (1,))
-            add("dot", 128, 128, 128 if bits == 4 else 64, 8, 3, (1,))
+            add("dot", 64, 128, 64, 4, 4, (1,))
+            add("dot", 128, 128, 64, 8, 3, (1,))
     if bucket >= 64:
         found.append(LaunchConfig("dequant", bucket, 64, 128 if bits == 4 else 64))
     return found
 
 
-def default_config(M: int, K: int, N: int, bits: int, sm_count: int) -> LaunchConfig:
-    """The untuned choice: GEMV up to M = 4, tensor cores above, about 4 waves of programs."""
-    per_word = 32 // bits
+def default_config(M: int, K: int, N: int, bits: int, sm_count: int, group_size: int = 1 << 30) -> LaunchConfig:
+    """The untuned choice: GEMV for one row, tensor cores above, about 4 waves of programs."""
     bucket = m_bucket(M)
-    if bucket <= 4:
-        bm, bn, bk, strategy = bucket, 64, 256 if bits == 4 else 128, "gemv"
+    if bucket == 1:
+        bm, bn, bk, strategy, warps = 1, 64, 128, "gemv", 4
     else:
-        bm, bn, bk, strategy = min(max(bucket, 16), 64), 64, 128 if bits == 4 else 64, "dot"
-    del per_word
+        bm, bn, bk, strategy, warps = min(max(bucket, 16), 64), 64, 128, "dot", 4
+    bk = _fit_block_k(bk, group_size)
     programs = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-    return LaunchConfig(strategy, bm, bn, bk, _auto_split(programs, triton.cdiv(K, bk), sm_count, 4), 4, 3)
+    return LaunchConfig(strategy, bm, bn, bk, _auto_split(programs, triton.cdiv(K, bk), sm_count, 4), warps, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +283,7 @@ def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features
         for _ in range(min(9, _TUNING_ROTATION_BYTES // max(layer_bytes, 1)))
     ]
     best, best_time, timings = None, float("inf"), {}
-    for config in candidate_configs(M, in_features, N, bits, sm_count):
+    for config in candidate_configs(M, in_features, N, bits, sm_count, group_size):
         launches = [
             (lambda config=config, w=w: launch(config, x2d, w[0], w[1], w[2], perm, bias, bits, group_size,
                                                in_features, symmetric))
@@ -291,7 +300,7 @@ def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features
         if elapsed < best_time:
             best, best_time = config, elapsed
     if best is None:
-        best = default_config(M, in_features, N, bits, sm_count)
+        best = default_config(M, in_features, N, bits, sm_count, group_size)
     key = _key(x2d, in_features, N, bits, group_size, symmetric, perm is not None)
     _TUNED[key] = best
     TUNING_LOG.append({"key": list(map(str, key)), "best": best.describe(), "best_us": round(best_time, 2),
@@ -309,7 +318,7 @@ def select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in
     compiling = torch.compiler.is_compiling()
     if device.type == "cuda" and autotune_enabled() and not compiling and not _capturing(device):
         return tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
-    return default_config(x2d.shape[0], in_features, qweight.shape[1], bits, _sm_count(device))
+    return default_config(x2d.shape[0], in_features, qweight.shape[1], bits, _sm_count(device), group_size)
 
 
 def run(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric,

@@ -1,10 +1,11 @@
 """Split-K tiled GEMM with tensor cores (``tl.dot``) for M = 2 … a few hundred.
 
 Grid ``(cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M))``, the same work split as ``gemv_splitk``.
-Per tile of BLOCK_K positions the program loads a (BLOCK_K / P, BLOCK_N) block of words and runs P
-small matrix products, one per code position j in a word:
+Per tile of BLOCK_K positions the program loads a (BLOCK_K / P, BLOCK_N) block of words, unpacks it
+to (BLOCK_K, BLOCK_N) codes (``common.unpack_tile``), loads x[:, k0 : k0 + BLOCK_K] contiguously and
+runs one matrix product per tile:
 
-    part += x[:, k0 + P·r + j] (BLOCK_M × BLOCK_K/P)  @  (q - zero)[k0 + P·r + j, :] (BLOCK_K/P × BLOCK_N)
+    part = x[:, k0 : k0 + BLOCK_K] (BLOCK_M × BLOCK_K)  @  (q - zero)[k0 : k0 + BLOCK_K, :] (BLOCK_K × BLOCK_N)
 
 The right operand ``q - zero`` is an integer in [-(2**BITS - 1), 2**BITS - 1], exact in fp16 and
 (for 4 bits) bf16, so it is built without an int→float conversion: OR the code into the mantissa of
@@ -14,7 +15,7 @@ BLOCK_N) tile once per tile (``SCALE_PER_TILE``); for groups shorter than BLOCK_
 folded into each weight instead (``(q - zero)·scale`` rounded once to the activation dtype, as the
 reference does). ``DOT_IN_FP32`` builds both operands in fp32 instead; the dispatcher sets it only
 under the Triton interpreter for bf16, whose bf16 arithmetic and ``tl.dot`` give wrong results
-(Triton 3.9), never on a GPU. tl.dot needs BLOCK_M, BLOCK_K / P and BLOCK_N ≥ 16.
+(Triton 3.9), never on a GPU. tl.dot needs BLOCK_M, BLOCK_K and BLOCK_N ≥ 16.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import triton
 import triton.language as tl
 
 from neural_quantization.kernels.triton.common import (
-    extract_codes,
     finish_output,
     load_zero_points,
     load_zero_points_2d,
+    unpack_tile,
 )
 
 
@@ -56,53 +57,46 @@ def dot_splitk_kernel(
     tile_begin = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
 
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for tile in range(tile_begin, tile_end):
         k0 = tile * BLOCK_K
         rows = tile * ROWS + offs_r
         words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
                         mask=(rows < n_words)[:, None] & n_mask[None, :], other=0)
+        k = k0 + offs_k
+        k_mask = k < K
+        if HAS_PERM:
+            source = tl.load(perm_ptr + k, mask=k_mask, other=0)
+        else:
+            source = k
+        xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + source[None, :],
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        codes = unpack_tile(words, BITS)
         if SCALE_PER_TILE:
             group = k0 // group_size
             zeros = load_zero_points(qzeros_ptr, group, offs_n, n_mask, packed_n, BITS, SYMMETRIC, BLOCK_N)
             scale = tl.load(scales_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            zero_row = zeros[None, :]
-            if HALF_MAGIC != 0:
-                zero_magic = (zeros + HALF_MAGIC_VALUE).to(dtype)[None, :]
-        else:
-            groups = tl.minimum(k0 + offs_r * PER_WORD, K - 1) // group_size
-            zeros_2d = load_zero_points_2d(qzeros_ptr, groups, offs_n, n_mask, packed_n, BITS, SYMMETRIC)
-            scale_rows = tl.load(scales_ptr + groups[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
-                                 other=0.0).to(tl.float32)
-        part = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for j in tl.static_range(PER_WORD):
-            k = k0 + offs_r * PER_WORD + j
-            k_mask = k < K
-            if HAS_PERM:
-                source = tl.load(perm_ptr + k, mask=k_mask, other=0)
-            else:
-                source = k
-            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + source[None, :],
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            codes = extract_codes(words, j, BITS)
             if DOT_IN_FP32:  # only for the Triton interpreter, whose bf16 arithmetic is wrong (3.9)
-                if SCALE_PER_TILE:
-                    w = (codes - zero_row).to(tl.float32)
-                else:
-                    w = (codes - zeros_2d).to(tl.float32) * scale_rows
-                part = tl.dot(xv.to(tl.float32), w, part)
+                w = (codes - zeros[None, :]).to(tl.float32)
+                part = tl.dot(xv.to(tl.float32), w)
             else:
-                if SCALE_PER_TILE:
-                    if HALF_MAGIC != 0:
-                        w = (codes | HALF_MAGIC).to(tl.int16).to(dtype, bitcast=True) - zero_magic
-                    else:
-                        w = (codes - zero_row).to(dtype)
+                if HALF_MAGIC != 0:
+                    zero_magic = (zeros + HALF_MAGIC_VALUE).to(dtype)[None, :]
+                    w = (codes | HALF_MAGIC).to(tl.int16).to(dtype, bitcast=True) - zero_magic
                 else:
-                    w = ((codes - zeros_2d).to(tl.float32) * scale_rows).to(dtype)
-                part = tl.dot(xv, w, part)
-        if SCALE_PER_TILE:
+                    w = (codes - zeros[None, :]).to(dtype)
+                part = tl.dot(xv, w)
             acc += part * scale[None, :]
         else:
-            acc += part
+            groups = tl.minimum(k, K - 1) // group_size
+            zeros_2d = load_zero_points_2d(qzeros_ptr, groups, offs_n, n_mask, packed_n, BITS, SYMMETRIC)
+            scale_2d = tl.load(scales_ptr + groups[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
+                               other=0.0).to(tl.float32)
+            w = (codes - zeros_2d).to(tl.float32) * scale_2d
+            if DOT_IN_FP32:
+                acc = tl.dot(xv.to(tl.float32), w, acc)
+            else:
+                acc = tl.dot(xv, w.to(dtype), acc)
     finish_output(acc, out_ptr, bias_ptr, partial_ptr, ticket_ptr, offs_m, offs_n, m_mask, n_mask,
                   M, N, stride_om, pid_k, split_k, pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, USE_SPLIT)

@@ -1,19 +1,17 @@
-"""Split-K GEMV for decode-sized batches (M = 1 … 8): CUDA-core FMAs, no tensor cores.
+"""Split-K GEMV for one activation row per program (decode, M = 1 … 2): CUDA-core FMAs.
 
-Grid ``(cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M))``. Program ``(n, s, m)`` owns output columns
-``n·BLOCK_N …`` and rows ``m·BLOCK_M …``, and walks ``tiles_per_split`` tiles of ``BLOCK_K`` input
-positions starting at tile ``s·tiles_per_split``. Per tile it loads a (BLOCK_K / P, BLOCK_N) block of
-int32 words (16-byte loads along N, coalesced) and, for each of the P codes in a word, multiplies
-the dequantized sub-tile by the matching activations:
+Grid ``(cdiv(N, BLOCK_N), split_k, M)``. Program ``(n, s, m)`` owns output columns
+``n·BLOCK_N …`` of row m and walks ``tiles_per_split`` tiles of ``BLOCK_K`` input positions starting
+at tile ``s·tiles_per_split``. Per tile it loads a (BLOCK_K / P, BLOCK_N) block of int32 words
+(16-byte loads along N), unpacks it to the (BLOCK_K, BLOCK_N) codes (``common.unpack_tile``), loads
+the matching BLOCK_K activations contiguously, and accumulates element-wise
 
-    part[m, r, n] += x[m, k0 + P·r + j] · (q[k0 + P·r + j, n] - zero[g, n])
+    acc[k, n] += x[m, k] · scale[g, n] · (q[k, n] - zero[g, n])
 
-Dequantization costs a shift, a mask-or and one subtraction per weight: OR-ing the code into the
-mantissa of 2**23 gives the fp32 number 2**23 + q without an int→float conversion, and subtracting
-the per-column constant 2**23 + zero leaves q - zero exactly. Where a tile lies inside one group
-(``SCALE_PER_TILE``: group_size a multiple of BLOCK_K, or per-channel), the scale is applied once per
-(tile, row, column) instead of per weight. The (BLOCK_M, BLOCK_K / P, BLOCK_N) accumulator is reduced
-over its middle axis once, at the end. Split-K partials are reduced by ``common.finish_output``.
+reducing ``acc`` over k only once, at the end. Dequantization costs a shift, a mask-or, a
+subtraction and a multiply per weight: OR-ing the code into the mantissa of 2**23 gives the fp32
+number 2**23 + q without an int→float conversion, and subtracting the per-column constant
+2**23 + zero leaves q - zero exactly. Split-K partials are reduced by ``common.finish_output``.
 """
 
 from __future__ import annotations
@@ -24,10 +22,10 @@ import triton.language as tl
 from neural_quantization.kernels.triton.common import (
     FP32_MAGIC,
     FP32_MAGIC_VALUE,
-    extract_codes,
     finish_output,
     load_zero_points,
     load_zero_points_2d,
+    unpack_tile,
 )
 
 
@@ -43,11 +41,10 @@ def gemv_splitk_kernel(
     ROWS: tl.constexpr = BLOCK_K // PER_WORD
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
-    m_mask = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     n_words = (K + PER_WORD - 1) // PER_WORD
     packed_n = (N + PER_WORD - 1) // PER_WORD
@@ -55,41 +52,34 @@ def gemv_splitk_kernel(
     tile_begin = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
 
-    acc = tl.zeros((BLOCK_M, ROWS, BLOCK_N), tl.float32)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
     for tile in range(tile_begin, tile_end):
         k0 = tile * BLOCK_K
         rows = tile * ROWS + offs_r
         words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
                         mask=(rows < n_words)[:, None] & n_mask[None, :], other=0)
+        k = k0 + offs_k
+        k_mask = k < K
+        if HAS_PERM:
+            source = tl.load(perm_ptr + k, mask=k_mask, other=0)
+        else:
+            source = k
+        xv = tl.load(x_ptr + row * stride_xm + source, mask=k_mask, other=0.0).to(tl.float32)
         if SCALE_PER_TILE:
             group = k0 // group_size
             zero_magic = (load_zero_points(qzeros_ptr, group, offs_n, n_mask, packed_n, BITS, SYMMETRIC,
                                            BLOCK_N).to(tl.float32) + FP32_MAGIC_VALUE)[None, :]
-            scale = tl.load(scales_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            scale = tl.load(scales_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         else:
-            groups = tl.minimum(k0 + offs_r * PER_WORD, K - 1) // group_size  # a word never straddles two groups
+            groups = tl.minimum(k, K - 1) // group_size
             zero_magic = load_zero_points_2d(qzeros_ptr, groups, offs_n, n_mask, packed_n, BITS,
                                              SYMMETRIC).to(tl.float32) + FP32_MAGIC_VALUE
-            scale_rows = tl.load(scales_ptr + groups[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
-                                 other=0.0).to(tl.float32)
-        part = tl.zeros((BLOCK_M, ROWS, BLOCK_N), tl.float32)
-        for j in tl.static_range(PER_WORD):
-            k = k0 + offs_r * PER_WORD + j
-            k_mask = k < K
-            if HAS_PERM:
-                source = tl.load(perm_ptr + k, mask=k_mask, other=0)
-            else:
-                source = k
-            xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + source[None, :],
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            w = (extract_codes(words, j, BITS) | FP32_MAGIC).to(tl.float32, bitcast=True) - zero_magic
-            if not SCALE_PER_TILE:
-                w = w * scale_rows
-            part += xv[:, :, None] * w[None, :, :]
-        if SCALE_PER_TILE:
-            acc += part * scale[None, None, :]
-        else:
-            acc += part
-    result = tl.sum(acc, axis=1)
-    finish_output(result, out_ptr, bias_ptr, partial_ptr, ticket_ptr, offs_m, offs_n, m_mask, n_mask,
-                  M, N, stride_om, pid_k, split_k, pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, USE_SPLIT)
+            scale = tl.load(scales_ptr + groups[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
+                            other=0.0).to(tl.float32)
+        codes = unpack_tile(words, BITS)
+        w = ((codes | FP32_MAGIC).to(tl.float32, bitcast=True) - zero_magic) * scale
+        acc += xv[:, None] * w
+    result = tl.sum(acc, axis=0)[None, :]
+    offs_m = row + tl.arange(0, 1)
+    finish_output(result, out_ptr, bias_ptr, partial_ptr, ticket_ptr, offs_m, offs_n, offs_m < M, n_mask,
+                  M, N, stride_om, pid_k, split_k, row * tl.num_programs(0) + pid_n, HAS_BIAS, USE_SPLIT)
