@@ -17,6 +17,7 @@ from neural_quantization.evaluation.language_eval import (
     perplexity,
     reference_languages,
     reference_pass,
+    tokenizer_adds_bos,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "reference_languages",
     "reference_pass",
     "summarize",
+    "tokenizer_adds_bos",
 ]

@@ -51,10 +51,11 @@ the full log-softmax instead (exact KL; n · (T-1) · |V| floats, so only for sm
 
 Memory
 ------
-One forward at a time over ``batch_size`` windows; the fp32 log-softmax is taken over chunks of
-positions so that at most ~2**26 floats (256 MB) are live per chunk. Gemma-3's 262k vocabulary thus
-costs ~256 positions per chunk at batch size 1. The stored reference statistics cost
-``n · (T-1) · (8·k + 8)`` bytes (~17 MB for 64 windows of 512 tokens at k = 64).
+One forward at a time over ``batch_size`` windows. The fp32 log-softmax (and, for the KL tail, its
+exponential) is taken over chunks of positions holding at most 2**25 floats (128 MB) each, so
+Gemma-3's 262k vocabulary is processed ~128 positions at a time at batch size 1; the model's own
+logits tensor (b, T, V) comes on top. The stored reference statistics cost
+``n · (T-1) · (12·k + 8)`` bytes (~26 MB for 64 windows of 512 tokens at k = 64).
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ import torch
 from torch import nn
 
 DEFAULT_TOP_K = 64
-# Floats of fp32 log-softmax alive at once (per chunk of positions); 2**26 floats = 256 MB.
-_LOGSOFTMAX_BUDGET = 2**26
+# Floats of fp32 log-softmax alive at once (per chunk of positions); 2**25 floats = 128 MB.
+_LOGSOFTMAX_BUDGET = 2**25
 
 ModelOrLoader = nn.Module | Callable[[], nn.Module]
 TextSource = str | Sequence[str]
@@ -216,6 +217,17 @@ def _iter_logprobs(
 # --------------------------------------------------------------------------------------------------
 
 
+def _tail_logmass(logprobs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """log Σ_{v not in indices} exp(logprobs[..., v]): the log-mass outside a top-k set.
+
+    ``logprobs`` (b, c, V), ``indices`` (b, c, k) -> (b, c). Summing the probabilities with the
+    top-k zeroed (rather than ``log(1 - Σ top-k)``) keeps tiny tails accurate; -inf when empty.
+    """
+    probs = logprobs.exp()  # (b, c, V)
+    probs.scatter_(-1, indices, 0.0)
+    return probs.sum(-1).log()
+
+
 @dataclass
 class ReferenceStats:
     """What the reference model said about a set of windows: everything comparison needs.
@@ -318,7 +330,7 @@ def reference_pass(
             stats.full_logprobs[rows, cols] = logprobs.cpu()
         else:
             values, indices = logprobs.topk(stats.top_k, dim=-1)  # (b, c, k), descending
-            tail = logprobs.scatter(-1, indices, float("-inf")).logsumexp(-1)  # (b, c)
+            tail = _tail_logmass(logprobs, indices)  # (b, c)
             stats.topk_logprobs[rows, cols] = values.cpu()
             stats.topk_indices[rows, cols] = indices.cpu()
             stats.tail_logmass[rows, cols] = tail.cpu()
@@ -421,7 +433,7 @@ def compare_pass(
             idx = reference.topk_indices[rows, cols].to(dev)  # (b, c, k)
             lr_tail = reference.tail_logmass[rows, cols].to(dev)  # (b, c)
             lq_k = lq.gather(-1, idx)  # (b, c, k)
-            lq_tail = lq.scatter(-1, idx, float("-inf")).logsumexp(-1)  # (b, c)
+            lq_tail = _tail_logmass(lq, idx)  # (b, c)
             head = (lr_k.exp() * (lr_k - lq_k)).sum(-1)
             pr_tail = lr_tail.exp()
             tail = torch.where(pr_tail > 0, pr_tail * (lr_tail - lq_tail), torch.zeros_like(pr_tail))

@@ -372,7 +372,7 @@ def summary_rows(report: Mapping[str, Any]) -> list[SummaryRow]:
     rows.append(
         SummaryRow(
             "Mean KL divergence (nats)" + (", top-k lower bound" if approx else ""),
-            NOT_MEASURED if kl is None else f"{kl:.4f}",
+            NOT_MEASURED if kl is None else f"{kl:.3g}",
             "—",
             "—",
         )
@@ -422,7 +422,7 @@ def language_rows(report: Mapping[str, Any]) -> list[dict[str, str]]:
                 "ppl_reference": num(d.get("ppl_reference"), ".3f"),
                 "ppl_quantized": num(d.get("ppl_quantized"), ".3f"),
                 "degradation": _pct(deg),
-                "kl": num(d.get("kl_divergence"), ".4f"),
+                "kl": num(d.get("kl_divergence"), ".3g"),
                 "top1": NOT_MEASURED
                 if d.get("top1_agreement") is None
                 else f"{100 * d['top1_agreement']:.1f} %",
