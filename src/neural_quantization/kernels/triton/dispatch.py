@@ -2,7 +2,7 @@
 
 Strategies (one file each in this package):
 
-* ``gemv``    ``gemv_splitk.py``: CUDA-core split-K GEMV, one activation row per program (M ≤ 2);
+* ``gemv``    ``gemv_splitk.py``: CUDA-core split-K GEMV, one activation row per program (M ≤ 4);
 * ``dot``     ``dot_splitk.py``: tensor-core split-K GEMM, BLOCK_M ∈ {16, 32, 64};
 * ``dequant`` ``dequant_matmul.py``: dequantize to a temporary weight, then cuBLAS (large M).
 
@@ -200,9 +200,9 @@ def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int, group_si
             if cfg not in found:
                 found.append(cfg)
 
-    if bucket <= 2:
+    if bucket <= 4:
         for bn, bk, warps in ((64, 128, 4), (32, 256, 4), (128, 128, 8), (64, 256, 8), (32, 512, 8)):
-            add("gemv", 1, bn, bk, warps, 3, (2, 4, 8))
+            add("gemv", 1, bn, bk, warps, 3, (2, 4, 8) if bucket == 1 else (2, 4))
     if bucket >= 2:
         bm = min(max(bucket, 16), 64)
         for bn, bk, warps, stages in ((64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (128, 256, 8, 3),
