@@ -19,15 +19,15 @@ if not HAS_CUDA:
 
 triton = pytest.importorskip("triton")
 
-from neural_quantization.config import QuantizationConfig  # noqa: E402
-from neural_quantization.core.rtn import rtn_quantize  # noqa: E402
-from neural_quantization.formats.packing import pack, unpack  # noqa: E402
-from neural_quantization.kernels import ops  # noqa: E402
-from neural_quantization.kernels.reference import quant_linear_reference  # noqa: E402
-from neural_quantization.kernels.triton import dispatch  # noqa: E402
-from neural_quantization.kernels.triton.dispatch import LaunchConfig, launch  # noqa: E402
-from neural_quantization.kernels.triton.layout import prepare_kernel_layout  # noqa: E402
-from neural_quantization.nn.qlinear import QuantLinear  # noqa: E402
+from neural_quantization.config import QuantizationConfig
+from neural_quantization.core.rtn import rtn_quantize
+from neural_quantization.formats.packing import pack, unpack
+from neural_quantization.kernels import ops
+from neural_quantization.kernels.reference import quant_linear_reference
+from neural_quantization.kernels.triton import dispatch
+from neural_quantization.kernels.triton.dispatch import LaunchConfig, launch
+from neural_quantization.kernels.triton.layout import prepare_kernel_layout
+from neural_quantization.nn.qlinear import QuantLinear
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":

@@ -28,7 +28,7 @@ import json
 import math
 import platform
 import statistics
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

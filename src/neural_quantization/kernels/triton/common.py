@@ -116,7 +116,7 @@ def finish_output(acc, out_ptr, bias_ptr, partial_ptr, ticket_ptr, offs_m, offs_
         ticket = tl.atomic_add(ticket_ptr + lock_id, 1, sem="acq_rel", scope="gpu")
         if ticket == split_k - 1:
             total = tl.zeros(acc.shape, tl.float32)
-            for s in range(0, split_k):
+            for s in range(split_k):
                 total += tl.load(partial_ptr + (s * M + offs_m)[:, None] * N + offs_n[None, :], mask=mask,
                                  other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
