@@ -183,17 +183,17 @@ class Quantizer:
             return ids, {"source": "token ids", "languages": [], "tokens": int(ids.numel()), "self_generated": False}
         if tokenizer is None:
             raise ValueError("calibration from text needs a tokenizer: pass tokenizer=... or a model name.")
-        from neural_quantization.calibration.sampling import sample_calibration
+        from neural_quantization.calibration.sampling import calibration_from_source
         from neural_quantization.calibration.self_generated import self_generated_calibration
-        from neural_quantization.calibration.sources import load_language_texts
 
         if calibration_data is None:
             calib = self_generated_calibration(
                 model, tokenizer, config.target_languages, config.num_samples, config.seq_len, config.seed
             )
         else:
-            texts = load_language_texts(calibration_data, config.target_languages, split="calib")
-            calib = sample_calibration(texts, tokenizer, config.num_samples, config.seq_len, config.seed)
+            calib = calibration_from_source(
+                calibration_data, tokenizer, config.target_languages, config.num_samples, config.seq_len, config.seed
+            )
         info = {
             "source": calib.source,
             "languages": list(calib.languages),

@@ -1,0 +1,336 @@
+"""``neural-quantize``: the command line. The only module that reads ``argv``.
+
+Subcommands::
+
+    neural-quantize quantize --model-name M --output-dir D [options]   (also the bare form)
+    neural-quantize demo                                                 (built-in model, end to end)
+    neural-quantize eval --model D --eval-data DIR                       (per-language quality)
+    neural-quantize bench                                                (GPU kernel speed)
+
+Exit codes: 0 success, 2 bad input (the message says how to fix it), 3 a quality gate failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from neural_quantization.config import DEFAULT_LANGUAGES, QuantizationConfig
+
+EXIT_BAD_INPUT = 2
+EXIT_GATE_FAILED = 3
+DEMO_MODEL = "smollm2-135m"
+SUBCOMMANDS = ("quantize", "demo", "eval", "bench")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_quantization_options(p: argparse.ArgumentParser, defaults: QuantizationConfig) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--bits", type=int, default=defaults.bits, help="code width: 2, 3, 4 or 8")
+    g.add_argument(
+        "--group-size", type=int, default=defaults.group_size,
+        help="input columns sharing one scale/zero; -1 = one per output channel",
+    )
+    sym = g.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=defaults.sym, help="symmetric grid")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
+    g.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--static-groups", action="store_true", help="with --desc-act, fix group grids before the solve")
+    g.add_argument("--damp", type=float, default=defaults.damp_percent, help="Hessian damping, fraction of its mean diagonal")
+    g.add_argument("--mse-clip", action="store_true", help="search a clipping ratio per group (slower, often better at 2-3 bits)")
+    g.add_argument("--method", choices=("gptq", "rtn"), default=defaults.method, help="solver")
+    g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection")
+    g.add_argument("--kernel-backend", choices=("auto", "torch", "triton", "marlin"), default=defaults.kernel_backend,
+                   help="matmul kernels of the quantized model")
+    c = p.add_argument_group("calibration")
+    c.add_argument(
+        "--calibration-data", default=None,
+        help="text file, directory of {lang}.txt / {lang}.calib.txt files, or hf:<dataset>; "
+        "default: the model writes its own calibration text",
+    )
+    c.add_argument("--num-samples", type=int, default=defaults.num_samples, help="calibration windows")
+    c.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per calibration window")
+    c.add_argument("--target-languages", nargs="+", default=list(DEFAULT_LANGUAGES),
+                   help="languages to calibrate (and evaluate) on")
+    c.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling and self-generated text")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default=defaults.device, help="where each layer is solved: auto, cpu, cuda, cuda:1")
+    r.add_argument("--dtype", default=None, help="model dtype for loading (float32, float16, bfloat16); default per source")
+    r.add_argument("--calibration-batch-size", type=int, default=defaults.calibration_batch_size,
+                   help="calibration windows per forward")
+
+
+def _add_eval_options(p: argparse.ArgumentParser, with_eval_data_help: str) -> None:
+    e = p.add_argument_group("evaluation and quality gates")
+    e.add_argument("--eval-data", default=None, help=with_eval_data_help)
+    e.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (stride = length)")
+    e.add_argument("--max-eval-windows", type=int, default=None, help="cap on windows per language (all by default)")
+    e.add_argument("--max-degradation", type=float, default=2.0, help="gate: average perplexity increase, %%")
+    e.add_argument("--max-language-degradation", type=float, default=3.0, help="gate: worst language's increase, %%")
+    e.add_argument("--no-fail-on-gate", action="store_true", help="exit 0 even when a gate fails")
+    e.add_argument("--report-json", default=None, help="write the JSON report here (plus .md and .png beside it)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = QuantizationConfig()
+    parser = argparse.ArgumentParser(
+        prog="neural-quantize",
+        description="GPTQ quantization of Hugging Face causal LMs, with per-language quality reports.",
+        formatter_class=_Formatter,
+        epilog="The bare form `neural-quantize --model-name M --output-dir D ...` means `quantize`.",
+    )
+    from neural_quantization import __version__
+
+    parser.add_argument("--version", action="version", version=f"neural-quantization {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,bench}")
+
+    q = sub.add_parser("quantize", help="quantize a model and save a GPTQ checkpoint", formatter_class=_Formatter)
+    q.add_argument("--model-name", required=True,
+                   help="alias (smollm2-135m, gemma3-270m), local directory, .gguf file or Hugging Face id")
+    q.add_argument("--output-dir", required=True, help="where to write the checkpoint (must not exist)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    _add_quantization_options(q, defaults)
+    _add_eval_options(q, "evaluate per language right after quantizing: directory of {lang}.eval.txt / {lang}.txt")
+
+    d = sub.add_parser("demo", help=f"quantize the built-in {DEMO_MODEL} end to end on this machine",
+                       formatter_class=_Formatter)
+    d.add_argument("--output-dir", default=f"{DEMO_MODEL}-gptq-w4g64", help="where to write the checkpoint")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    d.add_argument("--model-name", default=DEMO_MODEL, help="model to quantize")
+    demo_defaults = QuantizationConfig(group_size=64, num_samples=32, seq_len=256)
+    _add_quantization_options(d, demo_defaults)
+    _add_eval_options(d, "evaluation texts; default: held-out text the model writes itself (a different seed)")
+    d.set_defaults(eval_seq_len=256)
+
+    e = sub.add_parser("eval", help="measure a quantized checkpoint against its reference, per language",
+                       formatter_class=_Formatter)
+    e.add_argument("--model", required=True, help="quantized checkpoint directory")
+    e.add_argument("--baseline", default=None, help="reference model; default: the base model recorded in the checkpoint")
+    e.add_argument("--target-languages", nargs="+", default=list(DEFAULT_LANGUAGES), help="languages to evaluate")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _add_eval_options(e, "directory of {lang}.eval.txt / {lang}.txt files (required)")
+
+    b = sub.add_parser("bench", help="GPU kernel speed against cuBLAS fp16 and PyTorch int4", formatter_class=_Formatter)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the kernel benchmark")
+    return parser
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """The original README's bare form (`neural-quantize --model-name …`) means `quantize`."""
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        return ["quantize", *argv]
+    return argv
+
+
+def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
+    return QuantizationConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        sym=args.sym,
+        mse_clip=args.mse_clip,
+        method=args.method,
+        damp_percent=args.damp,
+        desc_act=args.desc_act,
+        static_groups=args.static_groups,
+        quantize_lm_head=args.quantize_lm_head,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        calibration_batch_size=args.calibration_batch_size,
+        target_languages=args.target_languages,
+        seed=args.seed,
+        kernel_backend=args.kernel_backend,
+        device=args.device,
+    )
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input, reported as one line with the fix and exit code 2."""
+    from neural_quantization.calibration.sources import CalibrationDataError
+    from neural_quantization.config import ConfigError
+    from neural_quantization.evaluation.gates import QualityGates  # noqa: F401  (validates on construction)
+    from neural_quantization.formats.checkpoint import CheckpointError, OutputExistsError
+    from neural_quantization.models.discovery import UnsupportedModelError
+    from neural_quantization.models.loading import ModelNotFoundError
+
+    return (ConfigError, CalibrationDataError, CheckpointError, OutputExistsError, ModelNotFoundError,
+            UnsupportedModelError, ValueError, FileNotFoundError)
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    if not hasattr(torch, name) or not isinstance(getattr(torch, name), torch.dtype):
+        raise ValueError(f"--dtype {name!r} is not a torch dtype; use float32, float16 or bfloat16.")
+    return getattr(torch, name)
+
+
+def _evaluation_texts(source: str, languages: list[str]) -> dict[str, list[str]]:
+    from neural_quantization.calibration.sources import load_language_texts
+
+    return load_language_texts(source, languages, split="eval")
+
+
+def _write_reports(report: dict[str, Any], path: str | None, console: Any) -> None:
+    if not path:
+        return
+    from neural_quantization.reporting.report import plot_degradation, write_json, write_markdown
+
+    json_path = Path(path)
+    write_json(report, json_path)
+    chart = None
+    if report.get("languages"):
+        chart = plot_degradation(report, json_path.with_suffix(".png"))
+    write_markdown(report, json_path.with_suffix(".md"), chart=chart)
+    console.print(f"Report written to {json_path} (+ .md{', .png' if chart else ''})")
+
+
+def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
+    import torch
+    from rich.console import Console
+
+    from neural_quantization.calibration.self_generated import generate_calibration_texts
+    from neural_quantization.evaluation import QualityGates, all_passed, compare_languages, evaluate_gates
+    from neural_quantization.evaluation import reference_languages
+    from neural_quantization.formats.checkpoint import check_output_dir
+    from neural_quantization.models.discovery import find_decoder_layers
+    from neural_quantization.models.loading import load_model
+    from neural_quantization.quantizer import Quantizer
+    from neural_quantization.reporting.progress import layer_progress
+    from neural_quantization.reporting.report import build_report
+    from neural_quantization.reporting.terminal import render_languages, render_summary
+
+    console = Console(stderr=False)
+    config = config_from_args(args)
+    gates = QualityGates(args.max_degradation, args.max_language_degradation)
+    check_output_dir(args.output_dir, args.overwrite)  # before any expensive work
+    torch.manual_seed(config.seed)
+
+    console.print(f"Loading {args.model_name} ...")
+    loaded = load_model(args.model_name, dtype=_dtype(args.dtype))
+    model, tokenizer = loaded.model, loaded.tokenizer
+
+    references, evaluation = None, None
+    if args.eval_data or demo:
+        if args.eval_data:
+            eval_texts = _evaluation_texts(args.eval_data, config.target_languages)
+            evaluation = {"data": str(args.eval_data)}
+        else:
+            # The demo machine may have no text at all: evaluate on held-out text the reference
+            # model writes with another seed (never the calibration text).
+            console.print("No --eval-data: the model writes held-out evaluation text (seed + 1) ...")
+            eval_texts = generate_calibration_texts(
+                model, tokenizer, config.target_languages, len(config.target_languages),
+                args.eval_seq_len, config.seed + 1,
+            )
+            evaluation = {"data": "self-generated by the reference model (held out, seed + 1)"}
+        references = reference_languages(
+            model, tokenizer, eval_texts, seq_len=args.eval_seq_len,
+            max_windows_per_language=args.max_eval_windows, show_progress=not args.quiet,
+        )
+        evaluation.update({"reference_model": loaded.source, "seq_len": args.eval_seq_len})
+
+    calibration_data = args.calibration_data
+    n_layers = len(find_decoder_layers(model)[1])
+    with layer_progress(n_layers, "Quantizing", enabled=not args.quiet) as bar:
+        quantized, results = Quantizer(config).quantize_model(
+            model, calibration_data, tokenizer=tokenizer, model_name=loaded.source,
+            on_layer_done=lambda i, n: bar.advance(),
+        )
+    path = quantized.save_pretrained(args.output_dir, overwrite=args.overwrite)
+    console.print(f"Checkpoint written to {path}")
+
+    language_results = {}
+    if references is not None:
+        language_results = compare_languages(quantized, references, show_progress=not args.quiet)
+    report = build_report(
+        model=loaded.source, config=config, quantization=results, language_results=language_results,
+        gates=gates, evaluation=evaluation, device=results.device,
+        extra={"output_dir": str(path)},
+    )
+    render_summary(report, console)
+    if language_results:
+        render_languages(report, console)
+    for warning in results.warnings:
+        console.print(f"[yellow]note:[/yellow] {warning}")
+    _write_reports(report, args.report_json, console)
+    if language_results and not all_passed(evaluate_gates(language_results, gates)) and not args.no_fail_on_gate:
+        console.print("[red]A quality gate failed[/red] (exit 3; --no-fail-on-gate to ignore).")
+        return EXIT_GATE_FAILED
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from neural_quantization.evaluation import QualityGates, all_passed, evaluate_gates, evaluate_languages
+    from neural_quantization.formats.checkpoint import load_quantized, read_quantization_config
+    from neural_quantization.models.loading import load_model
+    from neural_quantization.reporting.report import build_report
+    from neural_quantization.reporting.terminal import render_languages, render_summary
+
+    console = Console()
+    if not args.eval_data:
+        raise ValueError("eval needs --eval-data DIR (a directory of {lang}.eval.txt or {lang}.txt files).")
+    gates = QualityGates(args.max_degradation, args.max_language_degradation)
+    quant = read_quantization_config(args.model)
+    record = quant.get("neural_quantization", {})
+    baseline = args.baseline or record.get("base_model")
+    if not baseline:
+        raise ValueError(f"{args.model} records no base model; pass --baseline MODEL.")
+    texts = _evaluation_texts(args.eval_data, args.target_languages)
+    reference = load_model(baseline)
+    device = None if args.device == "auto" else args.device
+    results = evaluate_languages(
+        reference.model, lambda: load_quantized(args.model), reference.tokenizer, texts,
+        seq_len=args.eval_seq_len, max_windows_per_language=args.max_eval_windows,
+        device=device, show_progress=not args.quiet,
+    )
+    report = build_report(
+        model=str(args.model), config=record.get("config"), language_results=results, gates=gates,
+        evaluation={"data": str(args.eval_data), "reference_model": baseline, "seq_len": args.eval_seq_len},
+    )
+    render_summary(report, console)
+    render_languages(report, console)
+    _write_reports(report, args.report_json, console)
+    if not all_passed(evaluate_gates(results, gates)) and not args.no_fail_on_gate:
+        console.print("[red]A quality gate failed[/red] (exit 3; --no-fail-on-gate to ignore).")
+        return EXIT_GATE_FAILED
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from neural_quantization.kernels import bench
+
+    return int(bench.main(args.bench_args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        if args.command == "quantize":
+            return run_quantize(args)
+        if args.command == "demo":
+            return run_quantize(args, demo=True)
+        if args.command == "eval":
+            return run_eval(args)
+        return run_bench(args)
+    except _user_errors() as err:
+        print(f"neural-quantize: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
