@@ -88,6 +88,7 @@ class QuantLinear(nn.Module):
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features, dtype)
 
     _kernel_layout = None  # (group_size, symmetric, act_order) once prepared, False if unsupported
+    _kernel_plan = None  # kernels.ops.prepared_plan: the lean eager call path once prepared
 
     def prepare_kernels(self) -> None:
         """Compute the kernels' layout of this layer now (synchronizes; call outside graph capture).
@@ -105,10 +106,16 @@ class QuantLinear(nn.Module):
             self.register_buffer("kernel_qweight", layout.qweight, persistent=False)
             self.register_buffer("kernel_perm", layout.perm, persistent=False)
         self._kernel_layout = (layout.group_size, layout.symmetric, act_order)
+        self._kernel_plan = ops.prepared_plan(
+            self.kernel_qweight if act_order else self.qweight, self.qzeros, self.scales,
+            self.kernel_perm if act_order else None, self.bias, self.bits, layout.group_size, self.in_features,
+            layout.symmetric,
+        )
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._kernel_layout = None
+        self._kernel_plan = None
         for name in ("kernel_qweight", "kernel_perm"):
             self._buffers.pop(name, None)
 
@@ -121,6 +128,18 @@ class QuantLinear(nn.Module):
             and not torch.cuda.is_current_stream_capturing()
         ):
             self.prepare_kernels()
+        plan = self._kernel_plan
+        if (
+            plan is not None
+            and x.is_cuda
+            and x.dtype in ops.KERNEL_DTYPES
+            and self.kernel_backend != "torch"
+            and plan.scales is self.scales
+            and plan.qzeros is self.qzeros
+            and plan.bias is self.bias
+            and not torch.compiler.is_compiling()
+        ):
+            return plan(x)  # lean eager / graph-capture path (the custom op below is for torch.compile)
         if self._kernel_layout:
             group_size, symmetric, act_order = self._kernel_layout
             return ops.quant_linear_prepared(
@@ -136,6 +155,10 @@ class QuantLinear(nn.Module):
                 symmetric,
                 self.kernel_backend,
             )
+        if not x.is_cuda and not torch.compiler.is_compiling() and self.kernel_backend in ("auto", "torch"):
+            # CPU reference path: same numbers as ops.quant_linear, without unpacking every call.
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, self._cached_dense_weight(x.dtype), bias)
         return ops.quant_linear(
             x,
             self.qweight,
@@ -147,6 +170,19 @@ class QuantLinear(nn.Module):
             self.in_features,
             "torch" if self._kernel_layout is False else self.kernel_backend,
         )
+
+    def _cached_dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight in ``dtype``, kept until a buffer changes (CPU evaluation speed).
+
+        Costs the memory of a float weight; the CPU path is for tests and evaluation, not serving.
+        """
+        key = (dtype, self.qweight.device, self.qweight.data_ptr(), self.qweight._version,
+               self.scales.data_ptr(), self.scales._version, self.qzeros._version, self.g_idx._version)
+        cache = self.__dict__.get("_dense_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, self.dequantize_weight(dtype))
+            self.__dict__["_dense_cache"] = cache
+        return cache[1]
 
     def extra_repr(self) -> str:
         group = "per-channel" if self.group_size == -1 else f"group_size={self.group_size}"
