@@ -84,7 +84,22 @@ CASES = [
     ("dot", 3, 196, 40, 8, -1, True, True, torch.bfloat16, 1, 16, 64),
     ("dequant", 33, 200, 40, 4, 32, False, True, torch.float16, 1, 32, 128),
     ("dequant", 16, 196, 24, 8, 128, True, False, torch.bfloat16, 1, 16, 64),
+    # block_k of these = ROWS words · codes per word, inside one group
+    ("gemv_rows", 1, 200, 40, 4, 32, False, False, torch.float16, 3, 32, 32),
+    ("gemv_rows", 1, 196, 24, 4, 128, True, True, torch.bfloat16, 2, 32, 64),
+    ("gemv_rows", 3, 200, 40, 4, -1, True, False, torch.float16, 2, 32, 64),
+    ("gemv_rows", 3, 320, 40, 4, 64, False, True, torch.float16, 4, 16, 32),
+    ("gemv_rows", 2, 200, 40, 8, 128, False, False, torch.bfloat16, 2, 32, 32),
+    ("gemv_rows", 3, 200, 24, 8, 32, True, True, torch.float16, 1, 32, 16),
+    ("dot_slices", 3, 200, 40, 4, -1, False, True, torch.float16, 2, 32, 128),
+    ("dot_slices", 16, 392, 40, 4, 128, True, False, torch.bfloat16, 3, 32, 128),
+    ("dot_slices", 33, 260, 40, 8, 64, False, True, torch.float16, 2, 32, 64),
+    ("dot_slices_swap", 1, 392, 40, 4, 128, False, True, torch.float16, 3, 32, 128),
+    ("dot_slices_swap", 16, 256, 24, 4, 128, True, False, torch.bfloat16, 2, 16, 128),
+    ("dot_slices_swap", 33, 196, 40, 8, -1, False, False, torch.float16, 1, 32, 64),
 ]
+
+BLOCK_M = {"gemv": 1, "gemv_rows": 2}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:8])) + f"-{str(c[8])[6:]}")
@@ -97,7 +112,7 @@ def test_kernel_matches_reference(case):
     assert (layout.perm is not None) == (act_order and group != -1)  # one group needs no sorting
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     bias = torch.randn(n, device=DEVICE).to(dtype)
-    config = LaunchConfig(strategy, 16 if strategy != "gemv" else 1, block_n, block_k, split)
+    config = LaunchConfig(strategy, BLOCK_M.get(strategy, 16), block_n, block_k, split)
     out = launch(config, x, layout.qweight, t["qzeros"], t["scales"], layout.perm, bias, bits,
                  layout.group_size, k, layout.symmetric)
     ref = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bias.double(),

@@ -5,7 +5,8 @@ o 4096→4096, gate_up 4096→28672, down 14336→4096; M = 1 … 64; fp16 and b
 For each (shape, M, dtype):
 
 * ``dense``: ``F.linear(x, W)`` with W in the activation dtype (cuBLAS);
-* ``ours``: ``ops.quant_linear_prepared`` (the custom op, tuned per shape before timing);
+* ``ours``: ``ops.prepared_plan`` (the call path ``QuantLinear`` takes outside ``torch.compile``,
+  tuned per shape before timing; under ``torch.compile`` the custom op launches the same kernels);
 * ``tinygemm``: ``torch.ops.aten._weight_int4pack_mm`` (bf16 activations, group 128).
 
 Times are per call, in µs: ``graph`` = ``graph_calls`` calls captured in one CUDA graph, replayed,
@@ -181,6 +182,9 @@ def run_kernel_benchmark(
                   for _ in range(n_q)]
         layouts = [ops.prepare(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, in_features)
                    for t in layers]
+        # the call path QuantLinear uses outside torch.compile (kernels.ops.prepared_plan)
+        plans = [ops.prepared_plan(lay.qweight, t["qzeros"], t["scales"], lay.perm, None, bits, lay.group_size,
+                                   in_features, lay.symmetric) for t, lay in zip(layers, layouts)]
         n_dense = _copies(2 * in_features * out_features, graph_calls)
         tiny = None
         if tinygemm and bits == 4 and group_size > 0:
@@ -194,12 +198,12 @@ def run_kernel_benchmark(
             for m in batch_sizes:
                 x = torch.randn(m, in_features, device=device, dtype=dtype, generator=generator)
 
-                def ours(i, x=x):
-                    t, lay = layers[i], layouts[i]
-                    return ops.quant_linear_prepared(x, lay.qweight, t["qzeros"], t["scales"], lay.perm, None,
-                                                     bits, lay.group_size, in_features, lay.symmetric, "auto")
+                def ours(i, x=x, plans=plans):
+                    return plans[i](x)
 
                 out = ours(0)  # tunes this (M bucket, K, N, dtype) eagerly, before any capture
+                for plan in plans[1:]:
+                    plan(x)  # resolve every copy's launcher before capture
                 ref = quant_linear_reference(x.float(), layers[0]["qweight"], layers[0]["qzeros"],
                                              layers[0]["scales"], layers[0]["g_idx"], None, bits, in_features)
                 rel_err = float((out.float() - ref).norm() / ref.norm())
@@ -212,10 +216,7 @@ def run_kernel_benchmark(
                     "dense_eager_us": time_eager(dense_fns, graph_calls, repeats),
                     "ours_graph_us": time_graph(ours_fns, graph_calls, repeats),
                     "ours_eager_us": time_eager(ours_fns, graph_calls, repeats),
-                    "ours_config": dispatch.select_config(x, layouts[0].qweight, layers[0]["qzeros"],
-                                                          layers[0]["scales"], None, None, bits,
-                                                          layouts[0].group_size, in_features,
-                                                          layouts[0].symmetric).describe(),
+                    "ours_config": plans[0].config_for(x).describe(),
                     "ours_rel_err_vs_reference": rel_err,
                     "weight_bytes_int": q_bytes,
                     "weight_bytes_dense": 2 * in_features * out_features,
@@ -240,7 +241,7 @@ def run_kernel_benchmark(
                     f"eager {row['ours_eager_us']:6.1f}  {row['ours_config']}  err {rel_err:.1e}"
                     + (f"  tinygemm {row['tinygemm_graph_us']:.1f}" if "tinygemm_graph_us" in row else ""))
             del dense
-        del layers, layouts, tiny
+        del layers, layouts, tiny, plans
         torch.cuda.empty_cache()
     result = {
         "environment": environment(),

@@ -104,6 +104,19 @@ def quant_linear(
     )
 
 
+def prepared_plan(kernel_qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric):
+    """The lean eager call path of one prepared layer (``dispatch.PreparedMatmul``), or None without triton.
+
+    Calling it is ``quant_linear_prepared(x, ...)`` with the kernels, minus the custom-op and
+    Triton per-call overhead; use it for fp16/bf16 CUDA inputs outside ``torch.compile`` traces.
+    """
+    if _triton_module() is None:
+        return None
+    from neural_quantization.kernels.triton.dispatch import PreparedMatmul
+
+    return PreparedMatmul(kernel_qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
+
+
 def quant_linear_prepared(
     x: torch.Tensor,
     kernel_qweight: torch.Tensor,
