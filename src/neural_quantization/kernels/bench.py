@@ -243,6 +243,9 @@ def run_kernel_benchmark(
             del dense
         del layers, layouts, tiny, plans
         torch.cuda.empty_cache()
+        if output:  # partial results survive an interrupted run
+            with open(output, "w") as handle:
+                json.dump({"partial": True, "results": rows, "tuning": dispatch.TUNING_LOG}, handle)
     result = {
         "environment": environment(),
         "settings": {"shapes": shapes, "batch_sizes": list(batch_sizes), "dtypes": list(dtypes), "bits": bits,
