@@ -90,6 +90,9 @@ CASES = [
     ("gemv_rows", 3, 200, 40, 4, -1, True, False, torch.float16, 2, 32, 64),
     ("gemv_rows", 3, 320, 40, 4, 64, False, True, torch.float16, 4, 16, 32),
     ("gemv_rows", 2, 200, 40, 8, 128, False, False, torch.bfloat16, 2, 32, 32),
+    ("dot_slices_xs", 3, 200, 40, 4, 32 * 4, False, True, torch.float16, 2, 32, 128),
+    ("dot_slices_swap_xs", 16, 392, 40, 4, 128, True, False, torch.bfloat16, 3, 32, 128),
+    ("dot_slices_swap_xs", 5, 260, 40, 8, 64, False, True, torch.float16, 2, 32, 64),
     ("gemv_rows", 3, 200, 24, 8, 32, True, True, torch.float16, 1, 32, 16),
     ("dot_slices", 3, 200, 40, 4, -1, False, True, torch.float16, 2, 32, 128),
     ("dot_slices", 16, 392, 40, 4, 128, True, False, torch.bfloat16, 3, 32, 128),
@@ -99,7 +102,7 @@ CASES = [
     ("dot_slices_swap", 33, 196, 40, 8, -1, False, False, torch.float16, 1, 32, 64),
 ]
 
-BLOCK_M = {"gemv": 1, "gemv_rows": 2}
+BLOCK_M = {"gemv": 1, "gemv_rows": 1}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:8])) + f"-{str(c[8])[6:]}")

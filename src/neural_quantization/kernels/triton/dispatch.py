@@ -39,9 +39,10 @@ from neural_quantization.kernels.triton.dot_splitk import dot_splitk_kernel
 from neural_quantization.kernels.triton.gemv_rows import gemv_rows_kernel
 from neural_quantization.kernels.triton.gemv_splitk import gemv_splitk_kernel
 
-STRATEGIES = ("gemv_rows", "dot_slices", "dot_slices_swap", "gemv", "dot", "dequant")
+_SLICES = ("dot_slices", "dot_slices_swap", "dot_slices_xs", "dot_slices_swap_xs")
+STRATEGIES = ("gemv_rows", *_SLICES, "gemv", "dot", "dequant")
 #: strategies whose tiles must lie inside one quantization group
-_TILE_IN_GROUP = ("gemv_rows", "dot_slices", "dot_slices_swap")
+_TILE_IN_GROUP = ("gemv_rows", *_SLICES)
 
 
 @dataclass(frozen=True)
@@ -142,10 +143,11 @@ def _plan(config: LaunchConfig, M: int, N: int, K: int, dtype: torch.dtype, devi
     if config.strategy == "gemv_rows":
         kernel = gemv_rows_kernel
         common.update(ROWS=config.block_k // per_word)
-    elif config.strategy in ("dot_slices", "dot_slices_swap"):
+    elif config.strategy in _SLICES:
         kernel = dot_slices_kernel
         common.update(ROWS=config.block_k // per_word, HALF_MAGIC=magic, HALF_MAGIC_VALUE=magic_value,
-                      DOT_IN_FP32=interpreted_bf16, SWAP=config.strategy == "dot_slices_swap")
+                      DOT_IN_FP32=interpreted_bf16, SWAP="swap" in config.strategy,
+                      XSPLIT=config.strategy.endswith("_xs"))
     elif config.strategy == "gemv":
         kernel = gemv_splitk_kernel
         common.update(BLOCK_K=config.block_k, SCALE_PER_TILE=group_size % config.block_k == 0)
@@ -255,20 +257,21 @@ def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int, group_si
             if cfg not in found and tile_fits_group(cfg, group_size, K):
                 found.append(cfg)
 
-    # CUDA-core GEMV over BLOCK_M rows: BLOCK_N = 128 · warps keeps a tile's rows inside each thread
-    if bucket <= 8:
-        rows_list = {1: (8, 16), 2: (8, 4), 4: (4, 2), 8: (2, 1)}[bucket]
-        for rows in rows_list:
-            for warps in (4, 2, 8):
-                add("gemv_rows", bucket, 128 * warps, rows * per_word, warps, 1,
-                    (2, 4, 8) if bucket == 1 else (2, 4))
-    # tensor cores, one tl.dot per code slot (16 words = 128 4-bit positions per tile)
+    # CUDA-core GEMV, one row: BLOCK_N = 128 · warps keeps a tile's rows inside each thread
+    if bucket == 1:
+        for rows in (8, 16):
+            for warps in (4, 2):
+                add("gemv_rows", 1, 128 * warps, rows * per_word, warps, 1, (2, 4, 8))
+    # tensor cores, one tl.dot per code slot (16 words = 128 4-bit positions per tile); _xs loads
+    # the activation tile once and splits it into slots in registers
     bm = min(max(bucket, 16), 64)
-    for bn, warps, stages in ((128, 4, 3), (64, 4, 3), (256, 8, 3)):
-        add("dot_slices_swap", bm, bn, 16 * per_word, warps, stages, (2, 4))
+    for strategy in ("dot_slices_swap", "dot_slices_swap_xs"):
+        for bn, warps, stages in ((128, 4, 3), (64, 4, 3), (256, 8, 3)):
+            add(strategy, bm, bn, 16 * per_word, warps, stages, (2, 4))
     if bucket >= 2:
-        for bn, warps, stages in ((128, 4, 3), (64, 4, 3)):
-            add("dot_slices", bm, bn, 16 * per_word, warps, stages, (2, 4))
+        for strategy in ("dot_slices", "dot_slices_xs"):
+            for bn, warps, stages in ((128, 4, 3), (64, 4, 3)):
+                add(strategy, bm, bn, 16 * per_word, warps, stages, (2, 4))
     # the older kernels (any group length)
     if bucket <= 4:
         add("gemv", 1, 64, 128, 4, 3, (4,))
@@ -286,11 +289,10 @@ def default_config(M: int, K: int, N: int, bits: int, sm_count: int, group_size:
     """The untuned choice (inside a capture or compile trace, or with autotuning off)."""
     bucket = m_bucket(M)
     per_word = 32 // bits
-    if bucket <= 8:
-        rows = {1: 8, 2: 8, 4: 4, 8: 2}[bucket]
-        bm, bn, bk, strategy, warps, stages = bucket, 512, rows * per_word, "gemv_rows", 4, 1
+    if bucket == 1:
+        bm, bn, bk, strategy, warps, stages = 1, 512, 8 * per_word, "gemv_rows", 4, 1
     else:
-        bm, bn, bk, strategy, warps, stages = min(bucket, 64), 128, 16 * per_word, "dot_slices_swap", 4, 3
+        bm, bn, bk, strategy, warps, stages = min(max(bucket, 16), 64), 128, 16 * per_word, "dot_slices_swap", 4, 3
     config = LaunchConfig(strategy, bm, bn, bk, 1, warps, stages)
     if not tile_fits_group(config, group_size, K):
         bm = 1 if bucket == 1 else min(max(bucket, 16), 64)

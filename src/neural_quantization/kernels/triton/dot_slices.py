@@ -27,12 +27,40 @@ from neural_quantization.kernels.triton.common import finish_output, load_zero_p
 
 
 @triton.jit
+def _slot_product(words, j: tl.constexpr, xv, acc, zeros_b, dtype, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr,
+                  HALF_MAGIC_VALUE: tl.constexpr, DOT_IN_FP32: tl.constexpr, SWAP: tl.constexpr):
+    """``acc + x_j @ (q_j - zero)`` (or its transpose with SWAP) for code slot j of ``words``."""
+    codes = (words >> (BITS * j)) & ((1 << BITS) - 1)
+    if DOT_IN_FP32:  # only for the Triton interpreter, whose bf16 arithmetic is wrong (3.9)
+        w = (codes - zeros_b).to(tl.float32)
+        xv = xv.to(tl.float32)
+    elif HALF_MAGIC != 0:
+        w = (codes | HALF_MAGIC).to(tl.int16).to(dtype, bitcast=True) - (zeros_b + HALF_MAGIC_VALUE).to(dtype)
+    else:
+        w = (codes - zeros_b).to(dtype)
+    if SWAP:
+        return tl.dot(w, xv, acc)
+    else:
+        return tl.dot(xv, w, acc)
+
+
+@triton.jit
+def _halves(t):
+    """Split the last axis (size 2·n) of a 3-D ``t`` by parity: (t[:, :, 0::2], t[:, :, 1::2]), the
+    axis dropped when n = 1."""
+    if t.shape[2] == 2:
+        return tl.split(t)
+    else:
+        return tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 2, 2)))
+
+
+@triton.jit
 def dot_slices_kernel(
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, bias_ptr, out_ptr, partial_ptr, ticket_ptr,
     M, N, K, stride_xm, stride_om, group_size, tiles_per_split, split_k,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_SPLIT: tl.constexpr, HALF_MAGIC: tl.constexpr, HALF_MAGIC_VALUE: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, SWAP: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, SWAP: tl.constexpr, XSPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
     P: tl.constexpr = 32 // BITS
@@ -74,32 +102,72 @@ def dot_slices_kernel(
         else:
             zeros_b = zeros[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for j in tl.static_range(P):
-            codes = (words >> (BITS * j)) & ((1 << BITS) - 1)
-            k = tile * BLOCK_K + offs_r * P + j
+        if XSPLIT:
+            # one contiguous (BLOCK_M, BLOCK_K) activation load per tile, split into the P slots in
+            # registers: x[:, k0 + P·r + j] = xt[:, r, j]
+            k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
             k_mask = k < K
             if HAS_PERM:
                 source = tl.load(perm_ptr + k, mask=k_mask, other=0)
             else:
                 source = k
-            if DOT_IN_FP32:  # only for the Triton interpreter, whose bf16 arithmetic is wrong (3.9)
-                w = (codes - zeros_b).to(tl.float32)
-            elif HALF_MAGIC != 0:
-                w = (codes | HALF_MAGIC).to(tl.int16).to(dtype, bitcast=True) - (zeros_b + HALF_MAGIC_VALUE).to(dtype)
-            else:
-                w = (codes - zeros_b).to(dtype)
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + source[None, :],
+                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            xt = tl.reshape(xt, (BLOCK_M, ROWS, P))
             if SWAP:
-                xv = tl.load(x_ptr + offs_m[None, :] * stride_xm + source[:, None],
-                             mask=m_mask[None, :] & k_mask[:, None], other=0.0)  # (ROWS, BLOCK_M)
-                if DOT_IN_FP32:
-                    xv = xv.to(tl.float32)
-                acc = tl.dot(w, xv, acc)
+                xt = tl.permute(xt, (1, 0, 2))  # (ROWS, BLOCK_M, P)
+            if BITS == 4:
+                e, o = _halves(xt)  # slots 0,2,4,6 / 1,3,5,7
+                e0, e1 = _halves(e)  # 0,4 / 2,6
+                o0, o1 = _halves(o)  # 1,5 / 3,7
+                x0, x4 = _halves(e0)
+                x2, x6 = _halves(e1)
+                x1, x5 = _halves(o0)
+                x3, x7 = _halves(o1)
+                acc = _slot_product(words, 0, x0, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
+                acc = _slot_product(words, 1, x1, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
+                acc = _slot_product(words, 2, x2, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
+                acc = _slot_product(words, 3, x3, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
+                acc = _slot_product(words, 4, x4, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
+                acc = _slot_product(words, 5, x5, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
+                acc = _slot_product(words, 6, x6, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
+                acc = _slot_product(words, 7, x7, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
             else:
-                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + source[None, :],
-                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, ROWS)
-                if DOT_IN_FP32:
-                    xv = xv.to(tl.float32)
-                acc = tl.dot(xv, w, acc)
+                e, o = _halves(xt)  # slots 0,2 / 1,3
+                x0, x2 = _halves(e)
+                x1, x3 = _halves(o)
+                acc = _slot_product(words, 0, x0, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
+                acc = _slot_product(words, 1, x1, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
+                acc = _slot_product(words, 2, x2, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
+                acc = _slot_product(words, 3, x3, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
+        else:
+            for j in tl.static_range(P):
+                k = tile * BLOCK_K + offs_r * P + j
+                k_mask = k < K
+                if HAS_PERM:
+                    source = tl.load(perm_ptr + k, mask=k_mask, other=0)
+                else:
+                    source = k
+                if SWAP:
+                    xv = tl.load(x_ptr + offs_m[None, :] * stride_xm + source[:, None],
+                                 mask=m_mask[None, :] & k_mask[:, None], other=0.0)  # (ROWS, BLOCK_M)
+                else:
+                    xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + source[None, :],
+                                 mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, ROWS)
+                acc = _slot_product(words, j, xv, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
+                                    DOT_IN_FP32, SWAP)
         if SWAP:
             total += acc * scale[:, None]
         else:

@@ -1,9 +1,10 @@
-"""Split-K GEMV over BLOCK_M activation rows at once (decode, M = 1 … 8): CUDA-core FMAs.
+"""Split-K GEMV for one activation row per program (decode, M = 1): CUDA-core FMAs.
 
-Grid ``(cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M))``. Program ``(n, s, m)`` owns output columns
-``n·BLOCK_N …`` of rows ``m·BLOCK_M …`` and walks ``tiles_per_split`` tiles of ``ROWS`` packed words
+Grid ``(cdiv(N, BLOCK_N), split_k, M)`` (BLOCK_M must be 1). Program ``(n, s, m)`` owns output
+columns ``n·BLOCK_N …`` of row m and walks ``tiles_per_split`` tiles of ``ROWS`` packed words
 (``ROWS · P`` input positions, P = 32 / BITS codes per word) starting at tile ``s·tiles_per_split``.
-Every weight is read once for all BLOCK_M rows. It reads the GPTQ layout as it is (no repack).
+It reads the GPTQ layout as it is (no repack). (A version holding several rows in 3-D register
+tiles spilled at 255 registers on H100 with Triton 3.6; several rows go to ``dot_slices``.)
 
 Per tile the program loads a (ROWS, BLOCK_N) block of int32 words (16-byte loads along N). With
 ``BLOCK_N = 128 · num_warps`` each thread owns 4 columns and *all* ROWS rows of the tile, so the
@@ -47,16 +48,14 @@ def _shift_to(words, shift: tl.constexpr):
 
 
 @triton.jit
-def _x_slot(x_ptr, offs_m, m_mask, stride_xm, perm_ptr, k, K, HAS_PERM: tl.constexpr):
-    """Activations x[m, perm[k]] (BLOCK_M, ROWS) in fp32, zero where k ≥ K."""
+def _x_slot(x_ptr, row, perm_ptr, k, K, HAS_PERM: tl.constexpr):
+    """Activations x[row, perm[k]] (ROWS,) in fp32, zero where k ≥ K."""
     k_mask = k < K
     if HAS_PERM:
         source = tl.load(perm_ptr + k, mask=k_mask, other=0)
     else:
         source = k
-    xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + source[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                 other=0.0)
-    return xv.to(tl.float32)
+    return tl.load(x_ptr + row + source, mask=k_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -70,38 +69,36 @@ def gemv_rows_kernel(
     BLOCK_K: tl.constexpr = ROWS * P
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(2)  # BLOCK_M = 1: one activation row per program (2-D tiles keep registers low)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
-    m_mask = offs_m < M
     n_mask = offs_n < N
     n_words = (K + P - 1) // P
     packed_n = (N + P - 1) // P
     num_tiles = tl.cdiv(K, BLOCK_K)
     tile_begin = pid_k * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+    x_row = row * stride_xm
 
-    total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    total = tl.zeros((BLOCK_N,), tl.float32)
     for tile in range(tile_begin, tile_end):
         rows = tile * ROWS + offs_r
         words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
                         mask=(rows < n_words)[:, None] & n_mask[None, :], other=0)
         k_row = tile * BLOCK_K + offs_r * P  # first input position of each word
-        acc = tl.zeros((BLOCK_M, ROWS, BLOCK_N), tl.float32)
-        s_alpha = tl.zeros((BLOCK_M,), tl.float32)
-        s_x = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
+        s_alpha = 0.0
+        s_x = 0.0
         if BITS == 4:
             for b in tl.static_range(4):
                 t = _shift_to(words, 15 - 8 * b)
                 f_lo = ((t & 0x00078000) | ONE_F32).to(tl.float32, bitcast=True)  # 1 + q_{2b} / 256
                 f_hi = ((t & 0x00780000) | ONE_F32).to(tl.float32, bitcast=True)  # 1 + q_{2b+1} / 16
-                x_lo = _x_slot(x_ptr, offs_m, m_mask, stride_xm, perm_ptr, k_row + 2 * b, K, HAS_PERM) * 16.0
-                x_hi = _x_slot(x_ptr, offs_m, m_mask, stride_xm, perm_ptr, k_row + 2 * b + 1, K, HAS_PERM)
-                acc += x_lo[:, :, None] * f_lo[None, :, :]
-                acc += x_hi[:, :, None] * f_hi[None, :, :]
-                lo_sum = tl.sum(x_lo, axis=1)
-                hi_sum = tl.sum(x_hi, axis=1)
+                x_lo = _x_slot(x_ptr, x_row, perm_ptr, k_row + 2 * b, K, HAS_PERM) * 16.0
+                x_hi = _x_slot(x_ptr, x_row, perm_ptr, k_row + 2 * b + 1, K, HAS_PERM)
+                acc += x_lo[:, None] * f_lo + x_hi[:, None] * f_hi
+                lo_sum = tl.sum(x_lo, axis=0)
+                hi_sum = tl.sum(x_hi, axis=0)
                 s_alpha += lo_sum + hi_sum
                 s_x += lo_sum * 0.0625 + hi_sum
             D: tl.constexpr = 16.0
@@ -109,16 +106,17 @@ def gemv_rows_kernel(
             for j in tl.static_range(4):
                 t = _shift_to(words, 15 - 8 * j)
                 f = ((t & 0x007F8000) | ONE_F32).to(tl.float32, bitcast=True)  # 1 + q_j / 256
-                xj = _x_slot(x_ptr, offs_m, m_mask, stride_xm, perm_ptr, k_row + j, K, HAS_PERM)
-                acc += xj[:, :, None] * f[None, :, :]
-                x_sum = tl.sum(xj, axis=1)
+                xj = _x_slot(x_ptr, x_row, perm_ptr, k_row + j, K, HAS_PERM)
+                acc += xj[:, None] * f
+                x_sum = tl.sum(xj, axis=0)
                 s_alpha += x_sum
                 s_x += x_sum
             D: tl.constexpr = 256.0
         group = (tile * BLOCK_K) // group_size
         scale = tl.load(scales_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         zeros = load_zero_points(qzeros_ptr, group, offs_n, n_mask, packed_n, BITS, SYMMETRIC, BLOCK_N).to(tl.float32)
-        tile_sum = tl.sum(acc, axis=1)  # (BLOCK_M, BLOCK_N): Σ over the tile's rows, inside each thread
-        total += scale[None, :] * (D * (tile_sum - s_alpha[:, None]) - zeros[None, :] * s_x[:, None])
-    finish_output(total, out_ptr, bias_ptr, partial_ptr, ticket_ptr, offs_m, offs_n, m_mask, n_mask,
-                  M, N, stride_om, pid_k, split_k, pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, USE_SPLIT)
+        tile_sum = tl.sum(acc, axis=0)  # Σ over the tile's rows, inside each thread
+        total += scale * (D * (tile_sum - s_alpha) - zeros * s_x)
+    offs_m = row + tl.arange(0, 1)
+    finish_output(total[None, :], out_ptr, bias_ptr, partial_ptr, ticket_ptr, offs_m, offs_n, offs_m < M, n_mask,
+                  M, N, stride_om, pid_k, split_k, row * tl.num_programs(0) + pid_n, HAS_BIAS, USE_SPLIT)
