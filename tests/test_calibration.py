@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_CORPUS, make_tiny_tokenizer
+
 from neural_quantization.calibration import (
     CalibrationDataError,
     calibration_from_source,
@@ -210,5 +210,26 @@ def test_self_generated_calibration_set(tiny_llama):
 
 def test_self_generation_unknown_language_needs_prompts(tiny_llama):
     model, tok = tiny_llama
-    with pytest.raises(CalibrationDataError, match="No built-in prompts for language\\(s\\) sw.*--calibration-data"):
+    with pytest.raises(
+        CalibrationDataError, match="No built-in prompts for language\\(s\\) sw.*--calibration-data"
+    ):
         generate_calibration_texts(model, tok, ["en", "sw"], 2, 8, seed=0)
+
+
+def test_nucleus_sampler_matches_distribution_and_bans_tokens():
+    from neural_quantization.calibration.self_generated import NucleusSampler
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0001]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    # temperature 1, top_p 0.9: keeps {0, 1, 2} (mass 0.95 >= 0.9), renormalised to 0.5/0.95, ...
+    out = NucleusSampler(g, temperature=1.0, top_p=0.9)(None, logits)
+    assert ((out == 0).sum(-1) == 1).all() and torch.isinf(out[out != 0]).all()
+    freq = torch.bincount(out.argmax(-1), minlength=5).float() / 4000
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.0, 0.0]) / 0.95
+    assert torch.allclose(freq, expected, atol=0.03), freq
+    # banned tokens are never drawn, even the most likely one
+    out = NucleusSampler(g, temperature=1.0, top_p=1.0, banned_ids=[0])(None, logits)
+    assert (out.argmax(-1) != 0).all()
+    # top_p -> 0 is greedy
+    out = NucleusSampler(g, temperature=1.0, top_p=1e-6)(None, logits)
+    assert (out.argmax(-1) == 0).all()

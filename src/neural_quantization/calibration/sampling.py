@@ -17,8 +17,9 @@ ones do not overlap; otherwise they are drawn at random offsets (and may overlap
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence, Union
 
 __all__ = ["CalibrationDataError", "CalibrationSource", "load_language_texts", "split_lines"]
 
-CalibrationSource = Union[str, os.PathLike, Sequence[str], Mapping[str, Union[str, Sequence[str]]]]
+CalibrationSource = str | os.PathLike | Sequence[str] | Mapping[str, str | Sequence[str]]
 
 UNLABELLED = "text"
 _HF_ROWS_PER_LANGUAGE = 4000
@@ -122,7 +122,9 @@ def _from_file(path: Path, languages: list[str] | None) -> dict[str, list[str]]:
     return _check_nonempty({key: _read_lines(path)}, str(path))
 
 
-def _from_mapping(data: Mapping[str, str | Sequence[str]], languages: list[str] | None) -> dict[str, list[str]]:
+def _from_mapping(
+    data: Mapping[str, str | Sequence[str]], languages: list[str] | None
+) -> dict[str, list[str]]:
     wanted = list(data) if languages is None else languages
     missing = [lang for lang in wanted if lang not in data]
     if missing:
@@ -157,7 +159,9 @@ def _from_hf(spec: str, languages: list[str] | None, split: str) -> dict[str, li
             if column is None:
                 strings = [k for k, v in row.items() if isinstance(v, str)]
                 if not strings:
-                    raise CalibrationDataError(f"Dataset {dataset_id!r} has no text column; pass local text files.")
+                    raise CalibrationDataError(
+                        f"Dataset {dataset_id!r} has no text column; pass local text files."
+                    )
                 column = "text" if "text" in strings else strings[0]
             lines.extend(split_lines(row[column]))
             if i + 1 >= _HF_ROWS_PER_LANGUAGE:
