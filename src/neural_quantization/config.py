@@ -18,6 +18,7 @@ from typing import Any
 SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("gptq", "rtn")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "marlin")
+CASCADE_MODES = ("sequential", "nested")
 DEFAULT_LANGUAGES = ("en", "es", "fr", "de", "zh", "ja", "ar", "hi", "pt", "ru", "ko", "it", "tr", "nl", "pl")
 
 
@@ -56,7 +57,14 @@ class QuantizationConfig:
     Runtime
         kernel_backend: "auto", "torch" (reference), "triton", or "marlin" (a deployment profile).
         device: where each decoder layer is solved ("auto" = CUDA if present, else CPU).
-        cascade_stages: e.g. [8, 4] for the cascade mode; None for direct quantization.
+        cascade_stages: e.g. [8, 4] for the cascade mode; None for direct quantization. ``bits``
+            must equal the last (narrowest) stage.
+        cascade_mode: "sequential" (quantize to each width in turn, each stage starting from the
+            previous stage's model and recalibrating through it) or "nested" (exactly two stages
+            [wide, narrow]: one checkpoint stored at the wide width whose codes' high
+            ``wide - narrow`` bits are the narrow codes, readable at either width; see
+            ``core/cascade.py``). Nested needs method "gptq" and supports neither static_groups
+            nor quantize_lm_head.
     """
 
     bits: int = 4
@@ -78,6 +86,7 @@ class QuantizationConfig:
     kernel_backend: str = "auto"
     device: str = "auto"
     cascade_stages: list[int] | None = None
+    cascade_mode: str = "sequential"
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -113,6 +122,25 @@ class QuantizationConfig:
             if any(a <= b for a, b in zip(stages, stages[1:])):
                 raise ConfigError(f"cascade_stages={stages} must go from wide to narrow, e.g. [8, 4].")
             self.cascade_stages = stages
+            if self.bits != stages[-1]:
+                raise ConfigError(
+                    f"bits={self.bits} but cascade_stages={stages} ends at {stages[-1]} bits; set bits={stages[-1]} "
+                    "(the width of the final model) or change the stages."
+                )
+        if self.cascade_mode not in CASCADE_MODES:
+            raise ConfigError(f"cascade_mode={self.cascade_mode!r} is unknown; use one of {CASCADE_MODES}.")
+        if self.cascade_mode == "nested" and self.cascade_stages is not None:
+            if len(self.cascade_stages) != 2:
+                raise ConfigError(
+                    f"the nested cascade takes exactly two widths [wide, narrow] (e.g. [8, 4]): the narrow codes "
+                    f"are the high bits of the wide ones; got cascade_stages={self.cascade_stages}."
+                )
+            if self.method != "gptq":
+                raise ConfigError("the nested cascade solves both widths with GPTQ; use method='gptq'.")
+            if self.static_groups:
+                raise ConfigError("the nested cascade does not support static_groups; drop static_groups.")
+            if self.quantize_lm_head:
+                raise ConfigError("the nested cascade does not quantize lm_head; drop quantize_lm_head.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
