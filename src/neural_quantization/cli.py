@@ -47,6 +47,13 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
     g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection")
     g.add_argument("--kernel-backend", choices=("auto", "torch", "triton", "marlin"), default=defaults.kernel_backend,
                    help="matmul kernels of the quantized model")
+    g.add_argument("--cascade", action="store_true",
+                   help="cascade quantization through the widths of --cascade-stages (default 8 4)")
+    g.add_argument("--cascade-stages", type=int, nargs="+", default=None, metavar="BITS",
+                   help="cascade widths, wide to narrow (implies --cascade); --bits defaults to the last one")
+    g.add_argument("--cascade-mode", choices=("sequential", "nested"), default=None,
+                   help="sequential: requantize stage by stage, recalibrating through each stage's model; "
+                   "nested: one checkpoint readable at both widths (implies --cascade) [default: sequential]")
     c = p.add_argument_group("calibration")
     c.add_argument(
         "--calibration-data", default=None,
@@ -128,9 +135,22 @@ def _normalise_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+def _cascade_from_args(args: argparse.Namespace) -> tuple[list[int] | None, str, int]:
+    """(cascade_stages, cascade_mode, bits): --cascade-stages / --cascade-mode imply --cascade."""
+    stages = getattr(args, "cascade_stages", None)
+    mode = getattr(args, "cascade_mode", None)
+    if stages is None and (getattr(args, "cascade", False) or mode is not None):
+        stages = [8, 4]
+    bits = args.bits
+    if stages and bits == QuantizationConfig().bits and bits != stages[-1]:
+        bits = stages[-1]  # --bits left at its default: the cascade's last width decides
+    return stages, mode or "sequential", bits
+
+
 def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
+    cascade_stages, cascade_mode, bits = _cascade_from_args(args)
     return QuantizationConfig(
-        bits=args.bits,
+        bits=bits,
         group_size=args.group_size,
         sym=args.sym,
         mse_clip=args.mse_clip,
@@ -146,6 +166,8 @@ def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
         seed=args.seed,
         kernel_backend=args.kernel_backend,
         device=args.device,
+        cascade_stages=cascade_stages,
+        cascade_mode=cascade_mode,
     )
 
 
@@ -239,6 +261,8 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
 
     calibration_data = args.calibration_data
     n_layers = len(find_decoder_layers(model)[1])
+    if config.cascade_stages and config.cascade_mode == "sequential":
+        n_layers *= len(config.cascade_stages)  # the pipeline runs once per stage
     with layer_progress(n_layers, "Quantizing", enabled=not args.quiet) as bar:
         quantized, results = Quantizer(config).quantize_model(
             model, calibration_data, tokenizer=tokenizer, model_name=loaded.source,
@@ -250,10 +274,11 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
     language_results = {}
     if references is not None:
         language_results = compare_languages(quantized, references, show_progress=not args.quiet)
+    stages = _cascade_stage_results(quantized, results, references, language_results, args)
     report = build_report(
         model=loaded.source, config=config, quantization=results, language_results=language_results,
         gates=gates, evaluation=evaluation, device=results.device,
-        extra={"output_dir": str(path)},
+        extra={"output_dir": str(path), **({"stages": stages} if stages else {})},
     )
     render_summary(report, console)
     if language_results:
@@ -265,6 +290,36 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
         console.print("[red]A quality gate failed[/red] (exit 3; --no-fail-on-gate to ignore).")
         return EXIT_GATE_FAILED
     return 0
+
+
+def _cascade_stage_results(quantized, results, references, language_results, args) -> list[dict[str, Any]]:
+    """The cascade's stages, with each stage's average degradation where it was evaluated.
+
+    The returned model holds the last stage (sequential) or the stored wide read (nested), whose
+    evaluation already ran; a nested run also evaluates its narrow read (a narrowed copy).
+    """
+    import copy
+
+    from neural_quantization.evaluation import compare_languages
+
+    stages = [dict(stage) for stage in results.stages]
+    if not stages or references is None:
+        return stages
+
+    def average(per_language: dict) -> float:
+        values = [r.degradation_pct for r in per_language.values()]
+        return sum(values) / len(values)
+
+    stored = stages[-1]
+    stored["degradation_pct"] = average(language_results)
+    if stored["mode"] == "nested":
+        from neural_quantization.models.cascade import narrow_model
+
+        narrow = copy.deepcopy(quantized)
+        narrow_model(narrow, stages[0]["bits"])
+        stages[0]["degradation_pct"] = average(compare_languages(narrow, references, show_progress=not args.quiet))
+        del narrow
+    return stages
 
 
 def run_eval(args: argparse.Namespace) -> int:

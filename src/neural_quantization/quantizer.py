@@ -29,6 +29,9 @@ class QuantizationResults:
 
     final_compression_ratio: fp16 bytes of the quantized linear weights / bytes of their packed
         tensors (qweight + qzeros + scales + g_idx); 4-bit g128 gives about 3.9.
+    stages: for cascade runs (``config.cascade_stages``), one dict per stage with its bits, measured
+        compression, seconds and per-layer losses (see ``models/cascade.py``); ``layers`` then holds
+        the final stage's layers (sequential) or the stored wide layers (nested). Empty otherwise.
     model_compression_ratio: fp16 bytes of the whole model / bytes of the quantized model's tensors
         (embeddings, norms and lm_head stay in their dtype, so this is lower).
     memory_reduction: (1 - quantized bytes / fp16 bytes) × 100 for the whole model.
@@ -45,6 +48,7 @@ class QuantizationResults:
     layers: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     device: str = "cpu"
+    stages: list[dict[str, Any]] = field(default_factory=list)  # cascade runs: one entry per stage
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -146,10 +150,18 @@ class Quantizer:
         start = time.perf_counter()
         input_ids, calibration = self._calibration_tokens(model, tokenizer, calibration_data, config)
         reference_fp16_bytes = sum(t.numel() for t in unique_tensors(model)) * FP16_BYTES
-        layer_reports = quantize_decoder_layers(model, input_ids, config, device, on_layer_done)
+        stages = []
+        if config.cascade_stages:
+            from neural_quantization.models.cascade import run_cascade
+
+            stages = run_cascade(model, input_ids, config, device, on_layer_done)
+            layer_reports = stages[-1].layers
+        else:
+            layer_reports = quantize_decoder_layers(model, input_ids, config, device, on_layer_done)
         seconds = time.perf_counter() - start
 
-        warnings = sorted({r.note for r in layer_reports if r.note})
+        every_layer = [r for stage in stages for r in stage.layers] or layer_reports
+        warnings = sorted({r.note for r in every_layer if r.note})
         model.config.quantization_config = gptq_quantization_config(
             config,
             base_model=model_name,
@@ -165,6 +177,7 @@ class Quantizer:
             layers=[r.to_dict() for r in layer_reports],
             warnings=warnings,
             device=str(device),
+            stages=[stage.to_dict() for stage in stages],
             **sizes,
         )
         return model, results

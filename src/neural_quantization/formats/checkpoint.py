@@ -19,6 +19,19 @@ A checkpoint directory holds
   the run sits under ``neural_quantization``.
 * the tokenizer files and ``generation_config.json`` when available.
 
+**Nested cascade checkpoints** (``cascade_mode="nested"``, stages [wide, narrow], e.g. [8, 4]) are
+ordinary GPTQ checkpoints at the *wide* width (``bits: 8``, ``sym: false``), so any GPTQ loader reads
+the 8-bit model. ``quantization_config.neural_quantization.nested`` says how to read them at the
+narrow width::
+
+    {"bits": [8, 4], "stored_bits": 8, "narrow_bits": 4, "shift": 4, "scale_factor": 16,
+     "zero_offset": 8, "read_narrow": "codes >> 4; scales * 16; zeros >> 4 ..."}
+
+``load_quantized(dir, bits=4)`` does that for every layer (unpack, shift, repack as 4-bit GPTQ
+tensors): the narrow codes are the high 4 bits of each 8-bit code, the 4-bit scale is the stored
+fp16 scale times 16 (exact), and the 4-bit zero point is the 8-bit zero point (``qzeros + 1``)
+shifted right by 4 (the 8-bit zero is ``16·z + 8``). The grid is derived in ``core/cascade.py``.
+
 Writing is atomic: everything goes to a temporary sibling directory that is renamed into place at
 the end, so an interrupted save never leaves a half-written checkpoint under the requested name.
 """
@@ -87,13 +100,19 @@ def gptq_quantization_config(
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
     record.update(extra or {})
+    stored_bits, sym = config.bits, config.sym
+    if config.cascade_stages and config.cascade_mode == "nested":
+        from neural_quantization.core.cascade import nested_layout
+
+        record["nested"] = nested_layout(*config.cascade_stages)
+        stored_bits, sym = config.cascade_stages[0], False  # wide zero points are 16·z + 8, not 2**(bits-1)
     return {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
-        "bits": config.bits,
+        "bits": stored_bits,
         "group_size": config.group_size,
         "desc_act": config.desc_act,
-        "sym": config.sym,
+        "sym": sym,
         "static_groups": config.static_groups,
         "true_sequential": config.true_sequential,
         "damp_percent": config.damp_percent,
@@ -180,8 +199,13 @@ def load_quantized(
     device: str | torch.device = "cpu",
     kernel_backend: str = "auto",
     dtype: torch.dtype | None = None,
+    bits: int | None = None,
 ) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized` into a transformers model with QuantLinear layers.
+
+    ``bits``: None (or the stored width) loads the layers as stored; the narrow width of a nested
+    cascade checkpoint (e.g. 4 for stages [8, 4]) loads its narrow read, derived exactly from the
+    stored tensors (see the module docstring). Any other value raises :class:`CheckpointError`.
 
     The model is built from ``config.json``, every module with a ``qweight`` tensor is replaced by
     a :class:`QuantLinear`, and all tensors are loaded as saved, so the logits equal those of the
@@ -208,15 +232,18 @@ def load_quantized(
         names = list(f.keys())
         state = {name: f.get_tensor(name) for name in names}
     quantized_modules = [name[: -len(".qweight")] for name in names if name.endswith(".qweight")]
+    load_bits = _bits_to_load(quant, bits, path)
     for name in quantized_modules:
         linear = model.get_submodule(name)
+        if load_bits != quant["bits"]:
+            _narrow_state(state, name, quant, load_bits, linear.in_features)
         set_submodule(
             model,
             name,
             QuantLinear(
                 linear.in_features,
                 linear.out_features,
-                quant["bits"],
+                load_bits,
                 quant["group_size"],
                 bias=f"{name}.bias" in state,
                 bias_dtype=state[f"{name}.bias"].dtype if f"{name}.bias" in state else torch.float16,
@@ -235,6 +262,34 @@ def load_quantized(
     model.to(device)
     model.eval()
     return attach_save_pretrained(model)
+
+
+def _bits_to_load(quant: dict[str, Any], bits: int | None, path: Path) -> int:
+    """The width to load: the stored one, or the narrow read of a nested checkpoint."""
+    stored = quant["bits"]
+    if bits is None or bits == stored:
+        return stored
+    nested = (quant.get("neural_quantization") or {}).get("nested")
+    if nested and bits == nested.get("narrow_bits") and nested.get("stored_bits") == stored:
+        return bits
+    readable = [stored] + ([nested["narrow_bits"]] if nested else [])
+    raise CheckpointError(
+        f"{path} stores {stored}-bit codes and can be loaded at bits={readable}; "
+        + ("" if nested else "only nested cascade checkpoints (cascade_mode='nested') have a narrower read.")
+    )
+
+
+def _narrow_state(state: dict[str, torch.Tensor], name: str, quant: dict[str, Any], bits: int, in_features: int) -> None:
+    """Replace the stored wide tensors of module ``name`` in ``state`` by their ``bits``-bit read."""
+    from neural_quantization.core.cascade import narrow_view
+    from neural_quantization.formats.gptq import from_gptq_tensors, to_gptq_tensors
+
+    wide = from_gptq_tensors(
+        state[f"{name}.qweight"], state[f"{name}.qzeros"], state[f"{name}.scales"], state[f"{name}.g_idx"],
+        quant["bits"], quant["group_size"], in_features,
+    )
+    for key, tensor in to_gptq_tensors(narrow_view(wide, bits)).items():
+        state[f"{name}.{key}"] = tensor
 
 
 def _tied_parameter_names(model: nn.Module) -> set[str]:
