@@ -239,7 +239,12 @@ def test_cuda_every_candidate_matches_reference():
         layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, 1160)
         x = torch.randn(m, 1160, device="cuda").half()
         ref = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, bits, 1160)
-        for config in dispatch.candidate_configs(m, 1160, 520, bits, 132, layout.group_size):
+        configs = dispatch.candidate_configs(m, 1160, 520, bits, 132, layout.group_size)
+        kinds = {(c.strategy, c.block_m, c.num_warps, c.split_k > 1) for c in configs}
+        # one configuration per (strategy, rows, warps, split or not), to bound compile time
+        configs = [next(c for c in configs if (c.strategy, c.block_m, c.num_warps, c.split_k > 1) == kind)
+                   for kind in sorted(kinds)]
+        for config in configs:
             out = launch(config, x, layout.qweight, t["qzeros"], t["scales"], layout.perm, None, bits,
                          layout.group_size, 1160, layout.symmetric)
             assert relative_error(out, ref) < 3e-3, config

@@ -259,28 +259,27 @@ def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int, group_si
 
     # CUDA-core GEMV, one row: BLOCK_N = 128 · warps keeps a tile's rows inside each thread
     if bucket == 1:
-        for rows in (8, 16):
-            for warps in (4, 2):
-                add("gemv_rows", 1, 128 * warps, rows * per_word, warps, 1, (2, 4, 8))
-    # tensor cores, one tl.dot per code slot (16 words = 128 4-bit positions per tile); _xs loads
-    # the activation tile once and splits it into slots in registers
+        for rows, warps in ((8, 4), (4, 4), (8, 2), (4, 8)):
+            add("gemv_rows", 1, 128 * warps, rows * per_word, warps, 1, (2, 4, 8))
+    # tensor cores, one tl.dot per code slot (16 words = 128 4-bit positions per tile), the
+    # activation tile loaded once and split into slots in registers (the variants without _xs,
+    # which gather each slot's activations from memory, lost everywhere on H100: see docs/kernels.md)
     bm = min(max(bucket, 16), 64)
-    for strategy in ("dot_slices_swap", "dot_slices_swap_xs"):
-        for bn, warps, stages in ((128, 4, 3), (64, 4, 3), (256, 8, 3)):
-            add(strategy, bm, bn, 16 * per_word, warps, stages, (2, 4))
+    tiles = ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 4, 5), (256, 8, 3), (256, 8, 4))
+    for bn, warps, stages in tiles:
+        add("dot_slices_swap_xs", bm, bn, 16 * per_word, warps, stages, (1, 2, 4) if bucket >= 16 else (2, 4))
     if bucket >= 2:
-        for strategy in ("dot_slices", "dot_slices_xs"):
-            for bn, warps, stages in ((128, 4, 3), (64, 4, 3)):
-                add(strategy, bm, bn, 16 * per_word, warps, stages, (2, 4))
+        for bn, warps, stages in tiles[:5]:
+            add("dot_slices_xs", bm, bn, 16 * per_word, warps, stages, (2, 4))
     # the older kernels (any group length)
-    if bucket <= 4:
+    if bucket == 1:
         add("gemv", 1, 64, 128, 4, 3, (4,))
-    if bucket >= 2:
+    if bucket >= 32:
         add("dot", bm, 64, 128, 4, 3, (2, 4))
     if bucket >= 128:
         add("dot", 64, 128, 64, 4, 4, (1,))
         add("dot", 128, 128, 64, 8, 3, (1,))
-    if bucket >= 2:
+    if bucket >= 16:  # dequantize + cuBLAS: only competitive once the product itself costs something
         found.append(LaunchConfig("dequant", bucket, 64, 128 if bits == 4 else 64))
     return found
 
@@ -291,8 +290,10 @@ def default_config(M: int, K: int, N: int, bits: int, sm_count: int, group_size:
     per_word = 32 // bits
     if bucket == 1:
         bm, bn, bk, strategy, warps, stages = 1, 512, 8 * per_word, "gemv_rows", 4, 1
+    elif bucket <= 8:
+        bm, bn, bk, strategy, warps, stages = 16, 64, 16 * per_word, "dot_slices_xs", 4, 3
     else:
-        bm, bn, bk, strategy, warps, stages = min(max(bucket, 16), 64), 128, 16 * per_word, "dot_slices_swap", 4, 3
+        bm, bn, bk, strategy, warps, stages = min(max(bucket, 16), 64), 128, 16 * per_word, "dot_slices_swap_xs", 4, 3
     config = LaunchConfig(strategy, bm, bn, bk, 1, warps, stages)
     if not tile_fits_group(config, group_size, K):
         bm = 1 if bucket == 1 else min(max(bucket, 16), 64)
