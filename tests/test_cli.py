@@ -1,0 +1,131 @@
+"""The command line end to end on a tiny local model: exit codes, files written, errors with fixes."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from conftest import TINY_CORPUS, make_tiny_tokenizer
+from neural_quantization import load_quantized
+from neural_quantization.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with a word-level tokenizer, saved like a downloaded HF model."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tokenizer = make_tiny_tokenizer(add_bos=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        initializer_range=0.3,  # peaked predictions, so 2-bit rounding visibly hurts perplexity
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    """Calibration and evaluation text in two 'languages' (the tiny tokenizer's vocabulary)."""
+    directory = tmp_path / "texts"
+    directory.mkdir()
+    for lang, lines in {"en": TINY_CORPUS[:2], "fr": TINY_CORPUS[2:]}.items():
+        for split in ("calib", "eval"):
+            (directory / f"{lang}.{split}.txt").write_text("\n".join(lines * 20) + "\n")
+    return directory
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_bare_form_quantizes_saves_and_reports(tiny_model_dir, text_dir, tmp_path, capsys):
+    out, report = tmp_path / "ckpt", tmp_path / "report.json"
+    code = run_cli(
+        "--model-name", tiny_model_dir, "--output-dir", out, "--bits", "4", "--group-size", "32",
+        "--calibration-data", text_dir, "--target-languages", "en", "fr", "--num-samples", "8", "--seq-len", "32",
+        "--eval-data", text_dir, "--eval-seq-len", "32", "--report-json", report, "--quiet",
+        "--max-degradation", "1000", "--max-language-degradation", "1000",
+    )
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert set(data["languages"]) == {"en", "fr"}
+    assert data["calibration"]["languages"] == ["en", "fr"] and data["calibration"]["tokens"] == 8 * 32
+    assert data["gates"]["max_degradation"]["passed"] is True
+    assert report.with_suffix(".md").is_file() and report.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    model = load_quantized(out)
+    assert model.config.quantization_config["bits"] == 4
+    printed = capsys.readouterr().out
+    assert "Compression" in printed and "Checkpoint written" in printed
+
+
+def test_failed_gate_exits_3_unless_disabled(tiny_model_dir, text_dir, tmp_path):
+    common = ["--model-name", tiny_model_dir, "--bits", "2", "--group-size", "32", "--calibration-data", text_dir,
+              "--target-languages", "en", "fr", "--num-samples", "4", "--seq-len", "32", "--eval-data", text_dir,
+              "--eval-seq-len", "32", "--quiet", "--max-language-degradation", "0"]
+    assert run_cli(*common, "--output-dir", tmp_path / "a") == 3
+    assert run_cli(*common, "--output-dir", tmp_path / "b", "--no-fail-on-gate") == 0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--bits", "5"], "bits=5"),
+        (["--group-size", "0"], "group_size"),
+        (["--target-languages", "en", "xx"], "xx"),
+        (["--seq-len", "100000"], "seq-len"),
+    ],
+)
+def test_bad_input_exits_2_with_a_fix_and_writes_nothing(tiny_model_dir, text_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    code = run_cli("--model-name", tiny_model_dir, "--output-dir", out, "--calibration-data", text_dir,
+                   "--target-languages", "en", "--quiet", *extra)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["texts"]
+
+
+def test_unknown_model_and_existing_output_dir(tmp_path, capsys):
+    assert run_cli("--model-name", "no-such-model", "--output-dir", tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert "smollm2-135m" in err and "gemma3-270m" in err
+    (tmp_path / "exists").mkdir()
+    assert run_cli("--model-name", "no-such-model", "--output-dir", tmp_path / "exists") == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_empty_calibration_data_is_refused(tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "en.txt").write_text("\n\n")
+    assert run_cli("--model-name", tiny_model_dir, "--output-dir", tmp_path / "out", "--calibration-data", empty,
+                   "--target-languages", "en", "--quiet") == 2
+    assert "en" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_eval_subcommand_uses_the_recorded_base_model(tiny_model_dir, text_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    assert run_cli("--model-name", tiny_model_dir, "--output-dir", out, "--group-size", "32", "--calibration-data",
+                   text_dir, "--target-languages", "en", "--num-samples", "4", "--seq-len", "32", "--quiet") == 0
+    report = tmp_path / "eval.json"
+    code = run_cli("eval", "--model", out, "--eval-data", text_dir, "--target-languages", "en", "fr",
+                   "--eval-seq-len", "32", "--report-json", report, "--quiet", "--no-fail-on-gate")
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert set(data["languages"]) == {"en", "fr"}
+    assert data["languages"]["en"]["ppl_reference"] > 0
+
+
+def test_help_lists_every_option_with_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--bits", "--group-size", "--asym", "--desc-act", "--damp", "--method", "--calibration-data",
+                   "--num-samples", "--seq-len", "--target-languages", "--device", "--seed", "--report-json",
+                   "--overwrite", "--eval-data", "--max-language-degradation"):
+        assert option in text
+    assert "(default: 128)" in text
