@@ -1,0 +1,107 @@
+"""compressed-tensors export: loaded back by transformers + the compressed-tensors package on CPU."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from neural_quantization import QuantizationConfig, QuantLinear, Quantizer
+from neural_quantization.formats.compressed_tensors import ExportError, check_export_config, export_compressed_tensors
+
+compressed_tensors = pytest.importorskip(
+    "compressed_tensors", reason="compressed-tensors is not installed (pip install 'neural-quantization[export]')"
+)
+
+CONFIG = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+)
+
+
+def quantized_llama(bits, sym, method="gptq", group_size=32, **extra):
+    """A tiny random Llama quantized in place (RTN where only the storage layout is under test: faster)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).eval()
+    ids = torch.randint(2, CONFIG["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(1))
+    config = QuantizationConfig(bits=bits, group_size=group_size, sym=sym, method=method, calibration_batch_size=4,
+                                **extra)
+    model, _ = Quantizer(config).quantize_model(model, ids)
+    return model, ids
+
+
+@pytest.mark.parametrize("bits, method", [(4, "gptq"), (8, "rtn")])
+def test_symmetric_export_loads_in_transformers_with_identical_weights(bits, method, tmp_path):
+    model, ids = quantized_llama(bits, sym=True, method=method)
+    with torch.no_grad():
+        ours = model(ids[:2]).logits
+    path = export_compressed_tensors(model, tmp_path / "ct")
+
+    quant = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors" and quant["format"] == "pack-quantized"
+    weights = quant["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["symmetric"], weights["strategy"], weights["group_size"]) == (
+        bits, True, "group", 32)
+    assert quant["ignore"] == ["lm_head"]
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        packed = f.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
+        scale = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
+    assert packed.dtype == torch.int32 and packed.shape == (64, 128 * bits // 32)
+    assert scale.dtype == torch.float16 and scale.shape == (64, 128 // 32)
+    assert not any(n.endswith(("qweight", "qzeros", "weight_zero_point", "g_idx")) for n in names)
+
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = loaded(ids[:2]).logits  # compressed-tensors decompresses on the first forward
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            torch.testing.assert_close(loaded.get_submodule(name).weight, module.dequantize_weight(), rtol=0, atol=0)
+
+
+def test_asymmetric_export_round_trips_zero_points(tmp_path):
+    """Asymmetric grids store packed zero points; transformers loads them with dequantize=True.
+
+    (compressed-tensors 0.20's in-model compressed layout allocates unpacked zero points, so the
+    default path of transformers cannot take a packed checkpoint; vLLM reads the packed layout.)
+    """
+    from compressed_tensors.compressors.pack_quantized import unpack_from_int32
+    from transformers import CompressedTensorsConfig
+
+    model, ids = quantized_llama(4, sym=False, method="rtn")
+    path = export_compressed_tensors(model, tmp_path / "ct")
+    layer = model.get_submodule("model.layers.1.self_attn.o_proj")
+    qw = layer.quantized_weight()
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        zp = f.get_tensor("model.layers.1.self_attn.o_proj.weight_zero_point")
+        packed = f.get_tensor("model.layers.1.self_attn.o_proj.weight_packed")
+    assert zp.shape == (64 * 4 // 32, 2)
+    # compressed-tensors' own unpacking gives signed values = ours - 8
+    torch.testing.assert_close(unpack_from_int32(zp, 4, (64, 2), packed_dim=0).int(), qw.zeros.T.int() - 8)
+    torch.testing.assert_close(unpack_from_int32(packed, 4, (64, 64)).int(), qw.codes.int() - 8)
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    # dequantize=True computes the weight in the scale dtype (fp16), then casts: fp16 rounding of ours
+    torch.testing.assert_close(loaded.get_submodule("model.layers.1.self_attn.o_proj").weight,
+                               layer.dequantize_weight(), rtol=1e-3, atol=1e-4)
+    with torch.no_grad():
+        ours, theirs = model(ids[:2]).logits, loaded(ids[:2]).logits
+    assert (theirs - ours).abs().max() < 2e-3 * ours.abs().max()
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        (dict(bits=3), "4 or 8 bits"),
+        (dict(bits=2), "4 or 8 bits"),
+        (dict(desc_act=True), "static-groups"),
+    ],
+)
+def test_unsupported_configs_fail_before_quantizing(changes, reason):
+    with pytest.raises(ExportError, match=reason):
+        check_export_config(QuantizationConfig(**changes))
+    check_export_config(QuantizationConfig(desc_act=True, static_groups=True))  # contiguous groups are fine

@@ -1,0 +1,158 @@
+"""GGUF export: read back with the gguf package and with transformers' GGUF loader."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from neural_quantization import QuantizationConfig, QuantLinear, Quantizer
+from neural_quantization.formats.gguf_export import (
+    GGUFExportError,
+    check_export_config,
+    export_gguf,
+    permute_rope_rows,
+    save_checkpoint_with_gguf,
+)
+
+gguf = pytest.importorskip("gguf")
+
+CORPUS = ["the cat sat on the mat and the dog sat on the rug", "le chat dort sur le tapis et le chien mange"] * 10
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained in milliseconds on a tiny corpus (GGUF's "gpt2" model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>")
+
+
+def quantized_llama(bits, tied, method="gptq", vocab_size=300, **extra):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied, bos_token_id=1,
+        eos_token_id=0,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(2, vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    qconfig = QuantizationConfig(bits=bits, group_size=32, method=method, calibration_batch_size=4, **extra)
+    model, _ = Quantizer(qconfig).quantize_model(model, ids)
+    return model, ids
+
+
+def gguf_weights(path):
+    """{name: (type name, dequantized fp32 array in (rows, cols))} through the gguf package's reader."""
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = (t.tensor_type.name, np.asarray(values, dtype=np.float32).reshape(list(reversed(t.shape))))
+    return reader, out
+
+
+def ours_in_gguf_layout(model, name, weight):
+    """Our weight with llama.cpp's RoPE row order for attn_q / attn_k."""
+    config = model.config
+    if name.endswith("q_proj"):
+        return permute_rope_rows(weight, config.num_attention_heads)
+    if name.endswith("k_proj"):
+        return permute_rope_rows(weight, config.num_key_value_heads)
+    return weight
+
+
+def test_q4_0_holds_the_gptq_codes_exactly_and_transformers_loads_it(tmp_path):
+    model, ids = quantized_llama(4, tied=False)
+    tokenizer = bpe_tokenizer()
+    report = export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, float_type="f32")
+    assert report.gguf_type == "Q4_0" and report.quantized_tensors == 14 and report.clamped_codes == 0
+
+    reader, weights = gguf_weights(tmp_path / "m.gguf")
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert reader.fields["llama.block_count"].contents() == 2
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            kind, values = weights[names.get_name(name) + ".weight"]
+            assert kind == "Q4_0"
+            expected = ours_in_gguf_layout(model, name, module.dequantize_weight()).numpy()
+            np.testing.assert_array_equal(values, expected)  # d = our fp16 scale, v = our code
+    assert weights["output.weight"][0] == "F32" and weights["blk.0.attn_norm.weight"][0] == "F32"
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        ours, theirs = model(ids[:2]).logits, loaded(ids[:2]).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    text = "the dog sat on le tapis"
+    assert gguf_tokenizer(text, add_special_tokens=False).input_ids == tokenizer(text).input_ids
+
+
+def test_q8_0_clamps_only_code_minus_128_by_one_step(tmp_path):
+    model, ids = quantized_llama(8, tied=True, method="rtn")
+    report = export_gguf(model, tmp_path / "m.gguf", tokenizer=bpe_tokenizer())  # default: f16 floats
+    _, weights = gguf_weights(tmp_path / "m.gguf")
+    assert "output.weight" not in weights and weights["token_embd.weight"][0] == "F16"
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    clamped = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        qw = module.quantized_weight()
+        kind, values = weights[names.get_name(name) + ".weight"]
+        assert kind == "Q8_0"
+        ours = ours_in_gguf_layout(model, name, module.dequantize_weight())
+        at_min = ours_in_gguf_layout(model, name, (qw.codes == 0).float()).bool()
+        step = ours_in_gguf_layout(model, name, qw.scales[qw.g_idx.long()].T)
+        expected = torch.where(at_min, ours + step, ours)  # -128·d written as -127·d
+        np.testing.assert_array_equal(values, expected.numpy())
+        clamped += int(at_min.sum())
+    assert report.clamped_codes == clamped > 0
+    assert report.clamped_fraction < 0.02
+
+
+def test_checkpoint_dir_holds_gptq_checkpoint_and_gguf(tmp_path):
+    from neural_quantization import load_quantized
+
+    model, ids = quantized_llama(4, tied=True, method="rtn")
+    path, report = save_checkpoint_with_gguf(model, tmp_path / "out", tokenizer=bpe_tokenizer())
+    assert sorted(p.name for p in path.glob("*.gguf")) == ["out-Q4_0.gguf"]
+    assert report.file_bytes == (path / "out-Q4_0.gguf").stat().st_size
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(path)(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        (dict(bits=3), "Q4_0"),
+        (dict(bits=2), "Q4_0"),
+        (dict(group_size=128), "group-size 32"),
+        (dict(group_size=32, sym=False), "symmetric"),
+        (dict(group_size=32, desc_act=True), "static-groups"),
+    ],
+)
+def test_bad_combinations_fail_before_quantizing(changes, reason):
+    with pytest.raises(GGUFExportError, match=reason):
+        check_export_config(QuantizationConfig(**changes))
+    assert check_export_config(QuantizationConfig(group_size=32, desc_act=True, static_groups=True)) == "Q4_0"
+
+
+def test_other_architectures_are_refused_with_the_reason(tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    model, _ = Quantizer(QuantizationConfig(group_size=32, method="rtn")).quantize_model(model, torch.zeros(1, 4))
+    with pytest.raises(GGUFExportError, match="Llama architecture"):
+        export_gguf(model, tmp_path / "q.gguf", tokenizer=bpe_tokenizer())
+    assert not list(tmp_path.iterdir())
