@@ -206,3 +206,23 @@ def test_existing_output_dir_is_refused_and_nothing_is_half_written(tmp_path, mo
     with pytest.raises(OSError, match="disk full"):
         quantized.save_pretrained(tmp_path / "fresh")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial directory left behind
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pipeline_on_cuda_matches_cpu_and_round_trips(tmp_path):
+    """Layers move to the GPU one at a time and back; the result matches the CPU run closely."""
+    reference = tiny_model("llama")
+    ids = tokens()
+    config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=4)
+    on_cpu, _ = Quantizer(config.replace(device="cpu")).quantize_model(copy.deepcopy(reference), ids)
+    on_gpu, results = Quantizer(config.replace(device="cuda")).quantize_model(copy.deepcopy(reference), ids)
+    assert results.device.startswith("cuda")
+    assert next(on_gpu.parameters()).device.type == "cpu"  # everything went back where it came from
+    kl_cpu = _output_error(reference, on_cpu, ids)
+    kl_gpu = _output_error(reference, on_gpu, ids)
+    assert abs(kl_gpu - kl_cpu) < 0.1 * kl_cpu + 1e-6
+    on_gpu.save_pretrained(tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt", device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids.cuda()).logits.cpu(), on_gpu.cuda()(ids.cuda()).logits.cpu())

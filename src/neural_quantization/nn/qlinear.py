@@ -120,6 +120,11 @@ class QuantLinear(nn.Module):
             self._buffers.pop(name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda and not torch.compiler.is_compiling() and self.kernel_backend in ("auto", "torch"):
+            # CPU reference path, also for layers prepared for GPU kernels and moved back: the
+            # numbers of ops.quant_linear's reference, without unpacking the weight every call.
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, self._cached_dense_weight(x.dtype), bias)
         if (
             self._kernel_layout is None
             and x.is_cuda
@@ -155,10 +160,6 @@ class QuantLinear(nn.Module):
                 symmetric,
                 self.kernel_backend,
             )
-        if not x.is_cuda and not torch.compiler.is_compiling() and self.kernel_backend in ("auto", "torch"):
-            # CPU reference path: same numbers as ops.quant_linear, without unpacking every call.
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return torch.nn.functional.linear(x, self._cached_dense_weight(x.dtype), bias)
         return ops.quant_linear(
             x,
             self.qweight,
