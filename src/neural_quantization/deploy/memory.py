@@ -1,0 +1,296 @@
+"""How much memory a model needs to run, and on which devices it fits.
+
+    needed = weights + KV cache + runtime overhead
+
+* **weights**: measured, the sizes of the checkpoint's weight files on disk (``*.safetensors``,
+  ``*.bin``, ``*.gguf``), per format, since a runtime holds them in memory as stored (packed int4
+  codes, fp16 scales, fp16 embeddings). From a config alone they are *estimated* with
+  :func:`estimate_weight_bytes` (same layout arithmetic, no file).
+* **KV cache**: ``2 (K and V) · layers · kv_heads · head_dim · context · batch · bytes`` with fp16
+  elements (2 bytes) by default; every layer is counted with the full context (sliding-window
+  layers would need less, so this is an upper bound for such models).
+* **runtime overhead** (an assumption, stated): ``300 MiB`` fixed (CUDA / Metal context, runtime,
+  kernels' workspaces) ``+ 10 %`` of weights + KV cache (activations, allocator fragmentation).
+
+Worked example, Mistral-7B (32 layers, 8 KV heads of 128, context 4096, batch 1, fp16):
+``2 · 32 · 8 · 128 · 4096 · 1 · 2 = 536,870,912`` bytes = 0.5 GiB of KV cache.
+
+:func:`memory_report` puts it together for a checkpoint directory or a ``config.json`` and checks
+it against :data:`devices.DEVICES`; each device uses the weights of the format it should run
+(GGUF for llama.cpp devices, GPTQ for Ampere+ GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neural_quantization.deploy.devices import DEVICES, GIB, Device
+
+MIB = 1 << 20
+OVERHEAD_FIXED_BYTES = 300 * MIB
+OVERHEAD_FRACTION = 0.10
+FP16_BYTES = 2
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+class DeployError(ValueError):
+    """A path or config the report cannot use; the message says what to pass."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Model shape (from config.json)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only transformer that decide its memory."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        config = dict(config.get("text_config") or config)  # multimodal configs nest the LM
+        try:
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            return cls(
+                layers=int(config["num_hidden_layers"]),
+                hidden=hidden,
+                intermediate=int(config["intermediate_size"]),
+                heads=heads,
+                kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                vocab=int(config["vocab_size"]),
+                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            )
+        except KeyError as missing:
+            raise DeployError(
+                f"config has no {missing} entry; pass a decoder-only transformer's config.json "
+                "(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size)."
+            ) from None
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in_features, out_features) of the 7 projections of one decoder layer (Llama/Mistral/Qwen style)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+def kv_cache_bytes(shape: ModelShape, context: int, batch: int = 1, bytes_per_element: float = FP16_BYTES) -> int:
+    """``2 · layers · kv_heads · head_dim · context · batch · bytes_per_element``."""
+    return int(2 * shape.layers * shape.kv_heads * shape.head_dim * context * batch * bytes_per_element)
+
+
+def runtime_overhead_bytes(weights: int, kv_cache: int) -> int:
+    """The stated assumption: 300 MiB + 10 % of (weights + KV cache)."""
+    return int(OVERHEAD_FIXED_BYTES + OVERHEAD_FRACTION * (weights + kv_cache))
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights: estimated from a config, or measured from files
+# --------------------------------------------------------------------------------------------------
+
+
+def _quantized_linear_bytes(k: int, n: int, bits: int, group_size: int, fmt: str) -> int:
+    """Stored bytes of one quantized (K in, N out) layer in ``fmt`` (see formats/gptq.py, compressed_tensors.py)."""
+    groups = 1 if group_size == -1 else -(-k // group_size)
+    codes = -(-k * bits // 32) * 4 * n  # int32 words
+    scales = groups * n * FP16_BYTES
+    if fmt == "gptq":
+        zeros = groups * -(-n * bits // 32) * 4
+        return codes + scales + zeros + k * 4  # + g_idx int32
+    if fmt == "compressed-tensors":
+        return codes + scales + 16  # symmetric: no zero points; weight_shape int64[2]
+    if fmt == "gguf":
+        block = 18 if bits == 4 else 34  # Q4_0 / Q8_0: fp16 d + 32 codes per 32 weights
+        return -(-k // 32) * n * block
+    raise DeployError(f"unknown format {fmt!r}; use gptq, compressed-tensors or gguf.")
+
+
+def estimate_weight_bytes(shape: ModelShape, bits: int, group_size: int, fmt: str = "gptq") -> dict[str, int]:
+    """Bytes of a model's weights quantized to ``bits`` (decoder linears only), by part.
+
+    Embeddings, ``lm_head`` (when not tied) and norms stay fp16, as our quantizer leaves them.
+    """
+    if bits not in (2, 3, 4, 8) or (fmt == "gguf" and bits not in (4, 8)):
+        raise DeployError(f"bits={bits} cannot be estimated for {fmt}; use 4 or 8 (2/3 for gptq).")
+    linears = sum(_quantized_linear_bytes(k, n, bits, group_size, fmt) for k, n in shape.linear_shapes())
+    parts = {
+        "decoder_linears": linears * shape.layers,
+        "norms": (2 * shape.layers + 1) * shape.hidden * (4 if fmt == "gguf" else FP16_BYTES),
+        "embeddings": shape.vocab * shape.hidden * FP16_BYTES,
+        "lm_head": 0 if shape.tied_embeddings else shape.vocab * shape.hidden * FP16_BYTES,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def checkpoint_weight_files(directory: str | os.PathLike) -> dict[str, list[Path]]:
+    """The weight files of a directory, by format: ``{"gguf": [...], "<quant_method or float>": [...]}``."""
+    path = Path(directory)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise DeployError(f"{path} has no weight files ({', '.join(WEIGHT_SUFFIXES)}); pass a checkpoint directory.")
+    out: dict[str, list[Path]] = {}
+    gguf_files = [p for p in files if p.suffix == ".gguf"]
+    if gguf_files:
+        out["gguf"] = gguf_files
+    others = [p for p in files if p.suffix != ".gguf"]
+    if others:
+        out[_stored_format(path)] = others
+    return out
+
+
+def _stored_format(directory: Path) -> str:
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        return "float"
+    quant = json.loads(config_file.read_text()).get("quantization_config") or {}
+    method = quant.get("quant_method")
+    return {"gptq": "gptq", "compressed-tensors": "compressed-tensors"}.get(method, method or "float")
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceFit:
+    device: str
+    format: str
+    runtime: str
+    weights_bytes: int
+    weights_source: str  # "measured: <files>" or "estimated"
+    kv_cache_bytes: int
+    overhead_bytes: int
+    needed_bytes: int
+    usable_bytes: int
+    fits: bool
+    headroom_bytes: int
+    why: str
+
+
+@dataclass
+class MemoryReport:
+    source: str
+    measured: bool
+    context: int
+    batch: int
+    kv_bytes_per_element: float
+    shape: dict[str, Any]
+    weights: dict[str, dict[str, Any]]  # format -> {"bytes": ..., "files"/"parts": ...}
+    kv_cache_bytes: int
+    assumptions: dict[str, str]
+    devices: list[DeviceFit] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fit(self, device_name: str) -> DeviceFit:
+        for fit in self.devices:
+            if fit.device == device_name:
+                return fit
+        raise KeyError(device_name)
+
+
+def _load_config(source: Path) -> dict[str, Any]:
+    config_file = source / "config.json" if source.is_dir() else source
+    if not config_file.is_file():
+        raise DeployError(
+            f"{source} has no config.json; pass a checkpoint directory or a config.json file "
+            "(a model's config is enough to plan before downloading it)."
+        )
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise DeployError(f"{config_file} is not valid JSON ({err}).") from None
+
+
+def memory_report(
+    source: str | os.PathLike,
+    context: int = 4096,
+    batch: int = 1,
+    bits: int = 4,
+    group_size: int = 128,
+    kv_bytes_per_element: float = FP16_BYTES,
+    devices: tuple[Device, ...] = DEVICES,
+) -> MemoryReport:
+    """Memory needed to run the model at ``source`` with ``context`` tokens × ``batch``, per device.
+
+    source: a checkpoint directory (weights measured from its files) or a ``config.json`` /
+        directory without weight files (weights estimated for ``bits`` / ``group_size``).
+    """
+    if context <= 0 or batch <= 0:
+        raise DeployError("--context and --batch must be positive (e.g. --context 4096 --batch 1).")
+    path = Path(source)
+    if not path.exists():
+        raise DeployError(f"{path} does not exist; pass a checkpoint directory or a config.json file.")
+    shape = ModelShape.from_config(_load_config(path))
+    kv = kv_cache_bytes(shape, context, batch, kv_bytes_per_element)
+
+    measured = path.is_dir() and any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir())
+    weights: dict[str, dict[str, Any]] = {}
+    if measured:
+        for fmt, files in checkpoint_weight_files(path).items():
+            weights[fmt] = {"bytes": sum(p.stat().st_size for p in files), "files": [p.name for p in files]}
+    else:
+        for fmt in ("gptq", "gguf"):
+            if fmt == "gguf" and bits not in (4, 8):
+                continue
+            parts = estimate_weight_bytes(shape, bits, 32 if fmt == "gguf" else group_size, fmt)
+            weights[fmt] = {"bytes": parts["total"], "parts": parts,
+                            "settings": f"{bits}-bit, group {32 if fmt == 'gguf' else group_size}"}
+
+    report = MemoryReport(
+        source=str(path), measured=measured, context=context, batch=batch, kv_bytes_per_element=kv_bytes_per_element,
+        shape=asdict(shape), weights=weights, kv_cache_bytes=kv,
+        assumptions={
+            "overhead": f"{OVERHEAD_FIXED_BYTES // MIB} MiB + {OVERHEAD_FRACTION:.0%} of (weights + KV cache)",
+            "kv_cache": "2 · layers · kv_heads · head_dim · context · batch · bytes/element, all layers full context",
+            "weights": "sum of the weight files' sizes" if measured else "estimated from the config (no files)",
+            "usable_memory": "see neural_quantization.deploy.devices (OS / Metal reserves)",
+        },
+    )
+    for device in devices:
+        fmt = device.format if device.format in weights else _fallback_format(weights)
+        entry = weights[fmt]
+        source_note = ("measured: " + ", ".join(entry["files"])) if "files" in entry else f"estimated ({entry['settings']})"
+        if fmt != device.format:
+            source_note += f" (no {device.format} weights here; {fmt} size used)"
+        overhead = runtime_overhead_bytes(entry["bytes"], kv)
+        needed = entry["bytes"] + kv + overhead
+        report.devices.append(DeviceFit(
+            device=device.name, format=device.format, runtime=device.runtime, weights_bytes=entry["bytes"],
+            weights_source=source_note, kv_cache_bytes=kv, overhead_bytes=overhead, needed_bytes=needed,
+            usable_bytes=device.usable_bytes, fits=needed <= device.usable_bytes,
+            headroom_bytes=device.usable_bytes - needed, why=device.why,
+        ))
+    return report
+
+
+def _fallback_format(weights: dict[str, dict[str, Any]]) -> str:
+    for fmt in ("gptq", "compressed-tensors", "gguf"):
+        if fmt in weights:
+            return fmt
+    return next(iter(weights))
+
+
+def format_bytes(n: int) -> str:
+    """Binary units with one decimal: ``4.2 GiB``, ``512.0 MiB`` (negative for a shortfall)."""
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    if n >= GIB:
+        return f"{sign}{n / GIB:.2f} GiB"
+    return f"{sign}{n / MIB:.1f} MiB"
