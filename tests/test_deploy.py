@@ -1,0 +1,87 @@
+"""Edge deployment report: numbers add up from real file sizes; config-only estimates."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from neural_quantization import QuantizationConfig, Quantizer
+from neural_quantization.deploy import DEVICES, DeployError, ModelShape, estimate_weight_bytes, kv_cache_bytes
+from neural_quantization.deploy.memory import OVERHEAD_FIXED_BYTES, memory_report
+
+MISTRAL_7B = {  # the values of mistralai/Mistral-7B-v0.1's config.json that decide memory
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "vocab_size": 32000, "max_position_embeddings": 32768, "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model, _ = Quantizer(QuantizationConfig(group_size=32, method="rtn")).quantize_model(model, torch.zeros(1, 4))
+    return model.save_pretrained(tmp_path_factory.mktemp("deploy") / "ckpt")
+
+
+def test_report_adds_up_from_the_checkpoint_files(checkpoint):
+    report = memory_report(checkpoint, context=256, batch=3)
+    weight_bytes = (checkpoint / "model.safetensors").stat().st_size
+    assert report.measured and report.weights == {"gptq": {"bytes": weight_bytes, "files": ["model.safetensors"]}}
+    kv = 2 * 2 * 2 * 16 * 256 * 3 * 2  # K and V · layers · kv heads · head_dim · context · batch · fp16
+    assert report.kv_cache_bytes == kv
+    for fit in report.devices:
+        assert fit.weights_bytes == weight_bytes  # no .gguf here: every device uses the GPTQ file's size
+        assert fit.overhead_bytes == int(OVERHEAD_FIXED_BYTES + 0.10 * (weight_bytes + kv))
+        assert fit.needed_bytes == weight_bytes + kv + fit.overhead_bytes
+        assert fit.headroom_bytes == fit.usable_bytes - fit.needed_bytes and fit.fits
+    assert report.fit("Jetson Nano 4 GB").format == "gguf" and report.fit("RTX 3060 12 GB").format == "gptq"
+    json.dumps(report.to_dict())  # machine-readable
+
+
+def test_a_gguf_file_in_the_checkpoint_is_measured_for_llama_cpp_devices(checkpoint, tmp_path):
+    import shutil
+
+    ckpt = shutil.copytree(checkpoint, tmp_path / "ckpt")
+    (ckpt / "ckpt-Q4_0.gguf").write_bytes(b"\0" * 12345)
+    report = memory_report(ckpt, context=64)
+    assert report.weights["gguf"]["bytes"] == 12345
+    assert report.fit("Apple M1 8 GB").weights_bytes == 12345
+    assert report.fit("RTX 4090 24 GB").weights_bytes == (ckpt / "model.safetensors").stat().st_size
+
+
+def test_mistral_7b_config_only_estimate(tmp_path):
+    shape = ModelShape.from_config(MISTRAL_7B)
+    assert shape.head_dim == 128 and shape.kv_heads == 8
+    parts = estimate_weight_bytes(shape, bits=4, group_size=128)
+    # 7.0e9 decoder-linear weights: 4 bits each (3.49 GB) + fp16 scales and packed zeros per 128,
+    # + fp16 embeddings and lm_head (2 · 32000 · 4096 · 2 = 0.52 GB)
+    linear_params = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336)
+    assert parts["decoder_linears"] > linear_params // 2
+    assert parts["embeddings"] == parts["lm_head"] == 32000 * 4096 * 2
+    assert 3.9e9 <= parts["total"] <= 4.2e9
+    assert kv_cache_bytes(shape, 4096) == 2 * 32 * 8 * 128 * 4096 * 2 == 512 * 2**20
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MISTRAL_7B))
+    report = memory_report(path, context=4096, bits=4, group_size=128)
+    assert not report.measured and report.weights["gptq"]["bytes"] == parts["total"]
+    q4_0 = report.weights["gguf"]["bytes"]
+    assert q4_0 > parts["total"]  # Q4_0 spends 4.5 bits per weight, g128 GPTQ about 4.16
+    assert not report.fit("Jetson Nano 4 GB").fits and report.fit("RTX 3060 12 GB").fits
+    assert report.fit("Apple M1 16 GB").needed_bytes == q4_0 + report.kv_cache_bytes + report.fit(
+        "Apple M1 16 GB").overhead_bytes
+    assert [d.name for d in DEVICES] == [f.device for f in report.devices]
+
+
+def test_bad_inputs_say_what_to_pass(tmp_path):
+    with pytest.raises(DeployError, match="does not exist"):
+        memory_report(tmp_path / "nope")
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(DeployError, match="num_hidden_layers|num_attention_heads"):
+        memory_report(tmp_path / "config.json")
+    with pytest.raises(DeployError, match="positive"):
+        memory_report(tmp_path / "config.json", context=0)
