@@ -6,6 +6,7 @@ Subcommands::
     neural-quantize demo                                                 (built-in model, end to end)
     neural-quantize eval --model D --eval-data DIR                       (per-language quality)
     neural-quantize bench                                                (GPU kernel speed)
+    neural-quantize deploy-report DIR_OR_CONFIG                          (memory needed, device fit)
 
 Exit codes: 0 success, 2 bad input (the message says how to fix it), 3 a quality gate failed.
 """
@@ -22,7 +23,8 @@ from neural_quantization.config import DEFAULT_LANGUAGES, QuantizationConfig
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
 DEMO_MODEL = "smollm2-135m"
-SUBCOMMANDS = ("quantize", "demo", "eval", "bench")
+SUBCOMMANDS = ("quantize", "demo", "eval", "bench", "deploy-report")
+EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -72,6 +74,20 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
                    help="calibration windows per forward")
 
 
+def _add_export_options(p: argparse.ArgumentParser) -> None:
+    x = p.add_argument_group("output format and deployment")
+    x.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="gptq",
+        help="gptq: our GPTQ checkpoint (transformers, vLLM); compressed-tensors: pack-quantized checkpoint "
+        "(vLLM, transformers + compressed-tensors; 4/8 bits); gguf: the GPTQ checkpoint plus "
+        "<output-dir name>-Q4_0.gguf / -Q8_0.gguf inside it for llama.cpp (needs --group-size 32, --sym)",
+    )
+    x.add_argument("--optimize-for-edge", action="store_true",
+                   help="after saving, print the memory needed on edge devices (weights + KV cache + overhead)")
+    x.add_argument("--edge-context", type=int, default=4096, help="context length for --optimize-for-edge")
+    x.add_argument("--edge-batch", type=int, default=1, help="batch size for --optimize-for-edge")
+
+
 def _add_eval_options(p: argparse.ArgumentParser, with_eval_data_help: str) -> None:
     e = p.add_argument_group("evaluation and quality gates")
     e.add_argument("--eval-data", default=None, help=with_eval_data_help)
@@ -95,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     from neural_quantization import __version__
 
     parser.add_argument("--version", action="version", version=f"neural-quantization {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,bench,deploy-report}")
 
     q = sub.add_parser("quantize", help="quantize a model and save a GPTQ checkpoint", formatter_class=_Formatter)
     q.add_argument("--model-name", required=True,
@@ -103,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output-dir", required=True, help="where to write the checkpoint (must not exist)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     _add_quantization_options(q, defaults)
+    _add_export_options(q)
     _add_eval_options(q, "evaluate per language right after quantizing: directory of {lang}.eval.txt / {lang}.txt")
 
     d = sub.add_parser("demo", help=f"quantize the built-in {DEMO_MODEL} end to end on this machine",
@@ -112,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model-name", default=DEMO_MODEL, help="model to quantize")
     demo_defaults = QuantizationConfig(group_size=64, num_samples=32, seq_len=256)
     _add_quantization_options(d, demo_defaults)
+    _add_export_options(d)
     _add_eval_options(d, "evaluation texts; default: held-out text the model writes itself (a different seed)")
     d.set_defaults(eval_seq_len=256)
 
@@ -123,8 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _add_eval_options(e, "directory of {lang}.eval.txt / {lang}.txt files (required)")
 
-    b = sub.add_parser("bench", help="GPU kernel speed against cuBLAS fp16 and PyTorch int4", formatter_class=_Formatter)
+    # The benchmark owns its options (kernels/bench.py); `neural-quantize bench --help` lists them.
+    b = sub.add_parser("bench", help="GPU kernel speed against cuBLAS fp16 and PyTorch int4", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the kernel benchmark")
+
+    r = sub.add_parser(
+        "deploy-report", formatter_class=_Formatter,
+        help="memory a model needs (weights + KV cache + overhead) and which edge devices it fits",
+        description="From a checkpoint directory the weights are measured (file sizes); from a config.json "
+        "(or a directory without weights) they are estimated for --bits / --group-size, so you can plan "
+        "before downloading.",
+    )
+    r.add_argument("source", metavar="DIR_OR_CONFIG", help="checkpoint directory or config.json")
+    r.add_argument("--context", type=int, default=4096, help="tokens of KV cache per sequence")
+    r.add_argument("--batch", type=int, default=1, help="sequences held at once")
+    r.add_argument("--bits", type=int, default=4, help="estimate only: code width")
+    r.add_argument("--group-size", type=int, default=128, help="estimate only: GPTQ group size")
+    r.add_argument("--kv-bytes", type=float, default=2, help="bytes per KV-cache element (2 = fp16, 1 = 8-bit)")
+    r.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")
     return parser
 
 
@@ -268,8 +302,7 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
             model, calibration_data, tokenizer=tokenizer, model_name=loaded.source,
             on_layer_done=lambda i, n: bar.advance(),
         )
-    path = quantized.save_pretrained(args.output_dir, overwrite=args.overwrite)
-    console.print(f"Checkpoint written to {path}")
+    path = save_in_format(quantized, tokenizer, loaded, args, console)
 
     language_results = {}
     if references is not None:
@@ -286,6 +319,11 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
     for warning in results.warnings:
         console.print(f"[yellow]note:[/yellow] {warning}")
     _write_reports(report, args.report_json, console)
+    if getattr(args, "optimize_for_edge", False):
+        from neural_quantization.deploy.memory import memory_report
+        from neural_quantization.deploy.render import render_memory_report
+
+        render_memory_report(memory_report(path, context=args.edge_context, batch=args.edge_batch), console)
     if language_results and not all_passed(evaluate_gates(language_results, gates)) and not args.no_fail_on_gate:
         console.print("[red]A quality gate failed[/red] (exit 3; --no-fail-on-gate to ignore).")
         return EXIT_GATE_FAILED
@@ -361,27 +399,104 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def check_export_format(args: argparse.Namespace) -> None:
+    """Raise (exit 2) when ``--format`` cannot hold what the quantization options would produce."""
+    fmt = getattr(args, "format", "gptq")
+    if fmt == "gptq":
+        return
+    config = config_from_args(args)
+    if getattr(config, "cascade_mode", None) == "nested":
+        raise ValueError(f"--format {fmt} cannot hold a nested cascade (two widths in one set of codes); "
+                         "use --format gptq or --cascade-mode sequential.")
+    if fmt == "compressed-tensors":
+        from neural_quantization.formats.compressed_tensors import check_export_config
+    else:
+        from neural_quantization.formats.gguf_export import check_export_config
+    check_export_config(config)
+
+
+def save_in_format(quantized: Any, tokenizer: Any, loaded: Any, args: argparse.Namespace, console: Any) -> Path:
+    """Write the output directory (atomically) in ``--format``; return its path.
+
+    gptq: our checkpoint. compressed-tensors: the pack-quantized checkpoint (what vLLM serves).
+    gguf: our checkpoint plus ``<dir name>-Q4_0.gguf`` (or Q8_0) inside it, renamed into place together.
+    """
+    fmt = getattr(args, "format", "gptq")
+    if fmt == "compressed-tensors":
+        from neural_quantization.formats.compressed_tensors import export_compressed_tensors
+
+        path = export_compressed_tensors(quantized, args.output_dir, tokenizer=tokenizer, overwrite=args.overwrite)
+        console.print(f"compressed-tensors checkpoint written to {path}")
+        return path
+    if fmt == "gguf":
+        from neural_quantization.formats.gguf_export import save_checkpoint_with_gguf
+
+        resolved = getattr(loaded, "resolved", None)
+        source = (Path(resolved.path) / resolved.gguf_file) if resolved is not None and resolved.gguf_file else None
+        path, report = save_checkpoint_with_gguf(quantized, args.output_dir, tokenizer=tokenizer,
+                                                 overwrite=args.overwrite, source_gguf=source)
+        console.print(f"Checkpoint written to {path}; GGUF {report.gguf_type} for llama.cpp: {report.path} "
+                      f"({report.file_bytes / 2**20:.1f} MiB, metadata {report.metadata_source})")
+        if report.clamped_codes:
+            console.print(f"[yellow]note:[/yellow] Q8_0 holds codes -127..127: {report.clamped_codes} codes "
+                          f"({report.clamped_fraction:.2%}) at -128 were written as -127 (one step each).")
+        return path
+    path = quantized.save_pretrained(args.output_dir, overwrite=args.overwrite)
+    console.print(f"Checkpoint written to {path}")
+    return path
+
+
+def run_deploy_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from neural_quantization.deploy.memory import memory_report
+    from neural_quantization.deploy.render import render_memory_report, write_memory_report_json
+
+    console = Console()
+    report = memory_report(args.source, context=args.context, batch=args.batch, bits=args.bits,
+                           group_size=args.group_size, kv_bytes_per_element=args.kv_bytes)
+    render_memory_report(report, console)
+    if args.json:
+        console.print(f"JSON written to {write_memory_report_json(report, args.json)}")
+    return 0
+
+
+def run_bench(bench_args: list[str]) -> int:
+    """Hand the arguments to the kernel benchmark, which owns its options (``kernels/bench.py``)."""
+    import torch
+
     from neural_quantization.kernels import bench
 
-    return int(bench.main(args.bench_args) or 0)
+    if not torch.cuda.is_available() and not {"-h", "--help"} & set(bench_args):
+        raise ValueError("the kernel benchmark needs a CUDA GPU; run it on a machine with one (see docs/kernels.md).")
+    return int(bench.main(bench_args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    if argv[:1] == ["bench"]:
+        try:
+            return run_bench(argv[1:])
+        except ValueError as err:
+            print(f"neural-quantize: error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
+        if args.command in ("quantize", "demo"):
+            check_export_format(args)  # bad format combinations fail before any model is loaded
         if args.command == "quantize":
             return run_quantize(args)
         if args.command == "demo":
             return run_quantize(args, demo=True)
+        if args.command == "deploy-report":
+            return run_deploy_report(args)
         if args.command == "eval":
             return run_eval(args)
-        return run_bench(args)
+        return run_bench(args.bench_args)
     except _user_errors() as err:
         print(f"neural-quantize: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -35,6 +35,7 @@ OVERHEAD_FIXED_BYTES = 300 * MIB
 OVERHEAD_FRACTION = 0.10
 FP16_BYTES = 2
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+SERVES = {"gptq": ("gptq", "compressed-tensors"), "gguf": ("gguf",)}  # device format -> checkpoint formats
 
 
 class DeployError(ValueError):
@@ -265,15 +266,17 @@ def memory_report(
         },
     )
     for device in devices:
-        fmt = device.format if device.format in weights else _fallback_format(weights)
+        # vLLM serves GPTQ and compressed-tensors checkpoints with the same Marlin kernels
+        served = [f for f in SERVES[device.format] if f in weights]
+        fmt = served[0] if served else _fallback_format(weights)
         entry = weights[fmt]
         source_note = ("measured: " + ", ".join(entry["files"])) if "files" in entry else f"estimated ({entry['settings']})"
-        if fmt != device.format:
+        if not served:
             source_note += f" (no {device.format} weights here; {fmt} size used)"
         overhead = runtime_overhead_bytes(entry["bytes"], kv)
         needed = entry["bytes"] + kv + overhead
         report.devices.append(DeviceFit(
-            device=device.name, format=device.format, runtime=device.runtime, weights_bytes=entry["bytes"],
+            device=device.name, format=fmt if served else device.format, runtime=device.runtime, weights_bytes=entry["bytes"],
             weights_source=source_note, kv_cache_bytes=kv, overhead_bytes=overhead, needed_bytes=needed,
             usable_bytes=device.usable_bytes, fits=needed <= device.usable_bytes,
             headroom_bytes=device.usable_bytes - needed, why=device.why,
@@ -289,8 +292,8 @@ def _fallback_format(weights: dict[str, dict[str, Any]]) -> str:
 
 
 def format_bytes(n: int) -> str:
-    """Binary units with one decimal: ``4.2 GiB``, ``512.0 MiB`` (negative for a shortfall)."""
+    """Binary units: ``4.15 GiB``, ``512 MiB`` (negative for a shortfall)."""
     sign, n = ("-" if n < 0 else ""), abs(n)
     if n >= GIB:
         return f"{sign}{n / GIB:.2f} GiB"
-    return f"{sign}{n / MIB:.1f} MiB"
+    return f"{sign}{n / MIB:.0f} MiB"
