@@ -85,3 +85,37 @@ def test_bad_inputs_say_what_to_pass(tmp_path):
         memory_report(tmp_path / "config.json")
     with pytest.raises(DeployError, match="positive"):
         memory_report(tmp_path / "config.json", context=0)
+
+
+def test_deploy_report_cli_writes_json_and_fails_cleanly(tmp_path, capsys):
+    from neural_quantization.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(MISTRAL_7B))
+    out = tmp_path / "report.json"
+    assert main(["deploy-report", str(config), "--context", "2048", "--batch", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["kv_cache_bytes"] == 2 * 32 * 8 * 128 * 2048 * 2 * 2
+    assert {d["device"]: d["fits"] for d in data["devices"]}["Jetson Nano 4 GB"] is False
+    assert "Jetson" in capsys.readouterr().out  # the table (cells wrap at the test terminal width)
+    assert main(["deploy-report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--format", "gguf"], "group-size 32"),
+        (["--format", "gguf", "--group-size", "32", "--bits", "3"], "Q4_0"),
+        (["--format", "gguf", "--group-size", "32", "--desc-act"], "static-groups"),
+        (["--format", "compressed-tensors", "--bits", "2"], "4 or 8 bits"),
+    ],
+)
+def test_bad_format_combinations_exit_2_before_loading_the_model(flags, message, tmp_path, capsys):
+    from neural_quantization.cli import main
+
+    # the model does not exist: reaching the loader would give a different error
+    code = main(["quantize", "--model-name", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "o"),
+                 *flags])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

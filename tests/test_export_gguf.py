@@ -156,3 +156,34 @@ def test_other_architectures_are_refused_with_the_reason(tmp_path):
     with pytest.raises(GGUFExportError, match="Llama architecture"):
         export_gguf(model, tmp_path / "q.gguf", tokenizer=bpe_tokenizer())
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_quantize_format_gguf_with_edge_report(tmp_path, capsys):
+    """End to end through the CLI: a local model directory -> checkpoint dir with a .gguf, then the edge report."""
+    import json
+
+    from neural_quantization.cli import main
+
+    torch.manual_seed(0)
+    tokenizer = bpe_tokenizer()
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=0, pad_token_id=0))
+    model.save_pretrained(tmp_path / "fp")
+    tokenizer.save_pretrained(tmp_path / "fp")
+    (tmp_path / "calib.txt").write_text("\n".join(CORPUS))
+    out = tmp_path / "w4"
+    code = main([
+        "quantize", "--model-name", str(tmp_path / "fp"), "--output-dir", str(out), "--format", "gguf",
+        "--group-size", "32", "--calibration-data", str(tmp_path / "calib.txt"), "--target-languages", "en",
+        "--num-samples", "2", "--seq-len", "16", "--calibration-batch-size", "2", "--device", "cpu", "--quiet",
+        "--optimize-for-edge", "--edge-context", "512",
+    ])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    gguf_file = out / "w4-Q4_0.gguf"
+    assert gguf_file.is_file() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    assert "Jetson" in printed and "Q4_0" in printed  # edge table and export summary (cells may wrap)
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file.name, dtype=torch.float32)
+    assert loaded.config.num_hidden_layers == 2
