@@ -72,14 +72,10 @@ def relative_error(out, ref):
 CASES = [
     ("gemv", 1, 200, 40, 4, 32, False, False, torch.float16, 3, 32, 64),
     ("gemv", 1, 196, 24, 4, 128, True, True, torch.bfloat16, 1, 32, 128),
-    ("gemv", 3, 200, 40, 4, -1, True, False, torch.float16, 2, 32, 64),
     ("gemv", 3, 320, 40, 4, 64, False, True, torch.float16, 4, 16, 64),
-    ("gemv", 1, 200, 40, 8, 128, False, False, torch.bfloat16, 2, 32, 64),
     ("gemv", 3, 200, 24, 8, 32, True, True, torch.float16, 1, 32, 32),
     ("dot", 3, 200, 40, 4, 32, False, True, torch.float16, 2, 32, 128),
     ("dot", 16, 392, 40, 4, 128, True, False, torch.bfloat16, 3, 32, 128),
-    ("dot", 33, 200, 40, 4, -1, False, False, torch.float16, 1, 32, 128),
-    ("dot", 16, 256, 24, 4, 64, True, True, torch.bfloat16, 2, 16, 128),
     ("dot", 33, 200, 40, 8, 64, False, False, torch.float16, 2, 32, 64),
     ("dot", 3, 196, 40, 8, -1, True, True, torch.bfloat16, 1, 16, 64),
     ("dequant", 33, 200, 40, 4, 32, False, True, torch.float16, 1, 32, 128),
@@ -88,7 +84,6 @@ CASES = [
     ("gemv_rows", 1, 200, 40, 4, 32, False, False, torch.float16, 3, 32, 32),
     ("gemv_rows", 1, 196, 24, 4, 128, True, True, torch.bfloat16, 2, 32, 64),
     ("gemv_rows", 3, 200, 40, 4, -1, True, False, torch.float16, 2, 32, 64),
-    ("gemv_rows", 3, 320, 40, 4, 64, False, True, torch.float16, 4, 16, 32),
     ("gemv_rows", 2, 200, 40, 8, 128, False, False, torch.bfloat16, 2, 32, 32),
     ("dot_slices_xs", 3, 200, 40, 4, 32 * 4, False, True, torch.float16, 2, 32, 128),
     ("dot_slices_swap_xs", 16, 392, 40, 4, 128, True, False, torch.bfloat16, 3, 32, 128),
@@ -256,6 +251,7 @@ def test_cuda_graph_capture_of_quant_linear():
     layer = _act_order_layer("auto").half()
     x = torch.randn(1, 136, device="cuda").half()
     eager = layer(x)  # first eager call prepares the layout and tunes
+    assert layer._kernel_plan.direct_status == "direct"  # the lean launcher works with this Triton
     static_x = x.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -217,6 +217,7 @@ def run_kernel_benchmark(
                     "ours_graph_us": time_graph(ours_fns, graph_calls, repeats),
                     "ours_eager_us": time_eager(ours_fns, graph_calls, repeats),
                     "ours_config": plans[0].config_for(x).describe(),
+                    "ours_launch": plans[0].direct_status,
                     "ours_rel_err_vs_reference": rel_err,
                     "weight_bytes_int": q_bytes,
                     "weight_bytes_dense": 2 * in_features * out_features,
@@ -238,7 +239,7 @@ def run_kernel_benchmark(
                 rows.append(row)
                 log(f"{name:8s} {dtype_name:8s} M={m:<3d} dense {row['dense_graph_us']:7.1f} us  "
                     f"ours {row['ours_graph_us']:7.1f} us ({row['ratio_graph']:.2f}x, {row['ours_GBps']:.0f} GB/s) "
-                    f"eager {row['ours_eager_us']:6.1f}  {row['ours_config']}  err {rel_err:.1e}"
+                    f"eager {row['ours_eager_us']:6.1f} ({row['ours_launch'][:40]})  {row['ours_config']}  err {rel_err:.1e}"
                     + (f"  tinygemm {row['tinygemm_graph_us']:.1f}" if "tinygemm_graph_us" in row else ""))
             del dense
         del layers, layouts, tiny, plans

@@ -451,6 +451,7 @@ class PreparedMatmul:
         self.out_features = qweight.shape[1]
         self.device = qweight.device
         self._launchers: dict[tuple, object] = {}
+        self.direct_status = "unresolved"  # "direct" once calls bypass Triton's launch path
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -487,33 +488,52 @@ class PreparedMatmul:
         return fn
 
     def _direct(self, config: LaunchConfig, x2d: torch.Tensor):
-        """A direct launcher of the compiled kernel, checked against Triton's own launch (or None)."""
+        """A direct launcher of the compiled kernel, checked against Triton's own launch (or None).
+
+        Triton versions differ in what the compiled launcher takes after the grid: every kernel
+        argument (constexprs included, ignored by the launcher) or only the run-time ones. Both are
+        tried; the first that reproduces Triton's own result bit for bit is kept.
+        """
         M, N, K = x2d.shape[0], self.out_features, self.in_features
         plan = _plan(config, M, N, K, x2d.dtype, x2d.device, self.bits, self.group_size, self.symmetric,
                      self.perm is not None, self.bias is not None)
-        qweight, qzeros, scales, perm, bias, group_size = (self.qweight, self.qzeros, self.scales, self.perm,
-                                                           self.bias, self.group_size)
         split_k, dtype, device = plan.split_k, x2d.dtype, x2d.device
         expected = torch.empty((M, N), dtype=dtype, device=device)
         partial = torch.empty((split_k, M, N), dtype=torch.float32, device=device) if split_k > 1 else expected
-        compiled = plan.kernel[plan.grid](*_args(plan, x2d, qweight, qzeros, scales, perm, bias, expected, partial,
-                                                 K, group_size), **plan.constexprs)
+        compiled = plan.kernel[plan.grid](*_args(plan, x2d, self.qweight, self.qzeros, self.scales, self.perm,
+                                                 self.bias, expected, partial, K, self.group_size),
+                                          **plan.constexprs)
         runner = _compiled_runner(compiled, plan.grid) if compiled is not None else None
         if runner is None:
+            self.direct_status = "no compiled-kernel launcher in this Triton"
             return None
         constexpr_values = tuple(plan.constexprs[name] for name in plan.kernel.arg_names if name in plan.constexprs)
+        weights = (self.qweight, self.scales, self.qzeros, self.qweight if self.perm is None else self.perm)
+        bias, group_size, tiles_per_split = self.bias, self.group_size, plan.tiles_per_split
+        tickets = _TICKETS.get((device.type, device.index)) if split_k > 1 else None
+        failures = []
+        for tail in (constexpr_values, ()):
 
-        def direct(x2d):
-            out = torch.empty((x2d.shape[0], N), dtype=dtype, device=device)
-            part = torch.empty((split_k, x2d.shape[0], N), dtype=torch.float32, device=device) if split_k > 1 else out
-            runner(*_args(plan, x2d, qweight, qzeros, scales, perm, bias, out, part, K, group_size), *constexpr_values)
-            return out
+            def direct(x2d, tail=tail):
+                rows = x2d.shape[0]
+                out = torch.empty((rows, N), dtype=dtype, device=device)
+                if split_k > 1:
+                    part = torch.empty((split_k, rows, N), dtype=torch.float32, device=device)
+                    runner(x2d, *weights, out if bias is None else bias, out, part, tickets, rows, N, K,
+                           x2d.stride(0), N, group_size, tiles_per_split, split_k, *tail)
+                else:
+                    runner(x2d, *weights, out if bias is None else bias, out, out, out, rows, N, K,
+                           x2d.stride(0), N, group_size, tiles_per_split, split_k, *tail)
+                return out
 
-        try:
-            got = direct(x2d)
-            torch.cuda.synchronize(device)
-            if not torch.equal(got, expected):
-                return None
-        except Exception:  # noqa: BLE001 - launcher signature differs in this Triton: keep the normal path
-            return None
-        return direct
+            try:
+                got = direct(x2d)
+                torch.cuda.synchronize(device)
+                if torch.equal(got, expected):
+                    self.direct_status = "direct"
+                    return direct
+                failures.append("mismatch")
+            except Exception as error:  # noqa: BLE001 - this launcher convention does not apply here
+                failures.append(f"{type(error).__name__}: {str(error)[:120]}")
+        self.direct_status = "; ".join(failures)
+        return None
