@@ -187,3 +187,27 @@ def test_cli_quantize_format_gguf_with_edge_report(tmp_path, capsys):
     assert "Jetson" in printed and "Q4_0" in printed  # edge table and export summary (cells may wrap)
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file.name, dtype=torch.float32)
     assert loaded.config.num_hidden_layers == 2
+
+
+def test_metadata_and_tokenizer_are_copied_from_the_source_gguf(tmp_path):
+    """The alias path: a model loaded from a .gguf keeps that file's metadata (here a 2 -> 1 layer cut)."""
+    model, ids = quantized_llama(4, tied=True, method="rtn")
+    tokenizer = bpe_tokenizer()
+    export_gguf(model, tmp_path / "src" / "source.gguf", tokenizer=tokenizer)
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    report = export_gguf(model, tmp_path / "out" / "cut.gguf", source_gguf=tmp_path / "src" / "source.gguf")
+    assert report.metadata_source.startswith("copied from")
+    source, copy = gguf.GGUFReader(str(tmp_path / "src" / "source.gguf")), gguf.GGUFReader(str(report.path))
+    assert copy.fields["llama.block_count"].contents() == 1
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.model", "llama.rope.freq_base",
+                "llama.attention.head_count_kv", "tokenizer.ggml.bos_token_id"):
+        assert copy.fields[key].contents() == source.fields[key].contents(), key
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="cut.gguf", dtype=torch.float32)
+    with torch.no_grad():  # F16 embeddings (the default) against our fp32 ones: close, not equal
+        ours, theirs = model(ids[:1]).logits, loaded(ids[:1]).logits
+    assert (theirs - ours).abs().max() < 1e-2 * ours.abs().max()
+
+    other, _ = quantized_llama(4, tied=True, method="rtn", vocab_size=256)
+    with pytest.raises(GGUFExportError, match="vocab_size"):
+        export_gguf(other, tmp_path / "bad.gguf", source_gguf=tmp_path / "src" / "source.gguf")
