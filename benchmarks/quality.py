@@ -15,23 +15,20 @@ the numbers are what they are.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
 
 import torch
+from common import REPO, SHARED_DATA, measure_variant, summary_line
 
-from neural_quantization import QuantizationConfig, Quantizer
+from neural_quantization import QuantizationConfig
 from neural_quantization.calibration.sampling import calibration_from_source
 from neural_quantization.calibration.sources import load_language_texts
 from neural_quantization.config import DEFAULT_LANGUAGES
-from neural_quantization.evaluation import compare_languages, reference_languages
+from neural_quantization.evaluation import reference_languages
 from neural_quantization.models.loading import load_model
 from neural_quantization.reporting.report import environment_info
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "multilingual"
 
 VARIANTS = {
     "rtn-w4-g64": dict(method="rtn", bits=4, group_size=64),
@@ -44,7 +41,7 @@ VARIANTS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(DATA), help="directory with {lang}.calib.txt and {lang}.eval.txt")
+    parser.add_argument("--data", default=str(SHARED_DATA), help="directory with {lang}.calib.txt and {lang}.eval.txt")
     parser.add_argument("--languages", nargs="+", default=list(DEFAULT_LANGUAGES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--num-samples", type=int, default=64, help="calibration windows (balanced over languages)")
@@ -75,27 +72,8 @@ def main() -> None:
             **VARIANTS[name], num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
             target_languages=args.languages, device=args.device,
         )
-        model, results = Quantizer(config).quantize_model(
-            copy.deepcopy(reference), calibration.input_ids, tokenizer=tokenizer, model_name=loaded.source
-        )
-        per_language = compare_languages(model, references)
-        langs = {lang: r.to_dict() for lang, r in per_language.items()}
-        degradations = [r["degradation_pct"] for r in langs.values()]
-        variants[name] = {
-            "config": config.to_dict(),
-            "quantization_seconds": results.quantization_seconds,
-            "compression_ratio": results.final_compression_ratio,
-            "memory_reduction_pct": results.memory_reduction,
-            "avg_degradation_pct": sum(degradations) / len(degradations),
-            "worst_degradation_pct": max(degradations),
-            "mean_kl_divergence": sum(r["kl_divergence"] for r in langs.values()) / len(langs),
-            "mean_layer_loss": results.mean_layer_loss,
-            "languages": langs,
-        }
-        print(f"{name:>20}: avg Δppl {variants[name]['avg_degradation_pct']:+.2f} %  "
-              f"worst {variants[name]['worst_degradation_pct']:+.2f} %  "
-              f"KL {variants[name]['mean_kl_divergence']:.4f}  time {results.quantization_seconds:.1f} s", flush=True)
-        del model
+        variants[name] = measure_variant(reference, tokenizer, loaded.source, config, calibration.input_ids, references)
+        print(summary_line(name, variants[name]), flush=True)
 
     document = {
         "benchmark": "quality",

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantization_options(d, demo_defaults)
     _add_export_options(d)
     _add_eval_options(d, "evaluation texts; default: held-out text the model writes itself (a different seed)")
-    d.set_defaults(eval_seq_len=256)
+    # The demo shows what the gates say but exits 0: a 135M model at 4 bits is far past a 2 % gate.
+    d.set_defaults(eval_seq_len=256, no_fail_on_gate=True)
 
     e = sub.add_parser("eval", help="measure a quantized checkpoint against its reference, per language",
                        formatter_class=_Formatter)

@@ -17,7 +17,7 @@ from torch import nn
 
 from neural_quantization.config import QuantizationConfig
 from neural_quantization.formats.checkpoint import attach_save_pretrained, gptq_quantization_config
-from neural_quantization.models.sequential import LinearReport, quantize_decoder_layers
+from neural_quantization.models.sequential import quantize_decoder_layers
 from neural_quantization.nn.qlinear import QuantLinear
 
 FP16_BYTES = 2
