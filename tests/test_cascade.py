@@ -147,6 +147,20 @@ def test_nested_codes_nest_and_read_exactly(kw):
     assert wide.loss < 0.5 * narrow.loss
 
 
+def test_refinement_never_raises_the_loss_even_with_a_rank_deficient_hessian():
+    """With fewer tokens than inputs, GPTQ's residual pass alone can end above the narrow loss."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(64, 128, generator=g) * 0.05
+    x = torch.randn(16, 128, generator=g)  # 16 tokens, 128 inputs: H has rank 16
+    hessian = 2 * x.T @ x / 16
+    cfg = QuantizationConfig(bits=4, group_size=32)
+    narrow, plain = nested_gptq_quantize(weight, hessian, cfg, 8, 4, refine_sweeps=0)
+    _, one = nested_gptq_quantize(weight, hessian, cfg, 8, 4, refine_sweeps=1)
+    _, two = nested_gptq_quantize(weight, hessian, cfg, 8, 4, refine_sweeps=2)
+    assert two.loss <= one.loss <= min(plain.loss, narrow.loss)
+    assert torch.equal(two.codes >> 4, narrow.codes)
+
+
 def test_residual_solve_beats_rounding_within_the_cell():
     """The residual GPTQ pass compensates errors: better than rounding each weight inside its cell."""
     weight, hessian = _problem(seed=3)

@@ -44,6 +44,15 @@ The two solves
    rounding error is spread over the columns not yet solved, through ``H^-1`` as in GPTQ, so the
    residuals compensate each other. Weights that GPTQ's first pass pushed outside their narrow
    cell clip at the cell's edge; that is the price of nesting, measured against direct wide GPTQ.
+3. **Refinement**: GPTQ's error feedback assumes the next columns can absorb any correction; inside
+   a cell of ``f`` points they often cannot, and with a poorly conditioned ``H`` the clipped
+   corrections can even make the wide loss exceed the narrow one (seen with small calibration
+   sets). So the residual codes then go through ``refine_sweeps`` sweeps of exact coordinate
+   descent on ``tr((W - Q) H (W - Q)^T)``: for each column ``k`` the loss is a parabola in the
+   column's values with vertex ``q_k + (D H)_{:,k} / H_kk`` (``D = W - Q``), and the best code in
+   the cell is that vertex rounded and clipped. Each step can only lower the loss, and the descent
+   starts from the better of the GPTQ residuals and the cell centres (``r = f/2``, which reproduce
+   the narrow weights), so the wide loss is never above the narrow loss.
 
 Both results carry ``loss = tr((W - Q) H (W - Q)^T)`` against the original ``W``.
 """
@@ -140,8 +149,51 @@ def _gptq_columns(W: torch.Tensor, Hinv: torch.Tensor, block_size: int, round_co
     return codes
 
 
+def refine_in_cells(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    codes: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    sweeps: int,
+) -> torch.Tensor:
+    """Coordinate descent on ``tr((W - Q) H (W - Q)^T)`` over integer codes boxed in ``[low, high]``.
+
+    weight (N, K), hessian (K, K), codes/low/high (N, K) int32, scale/zero (N, K) per-weight grid
+    (``Q = scale · (codes - zero)``). Column by column, the codes move to the rounded and clipped
+    vertex of the loss parabola in that column; the loss never increases. Columns with
+    ``H_kk = 0`` (inputs that never fire) are left as they are. Returns the new codes.
+    """
+    H = hessian.float()
+    codes = codes.clone()
+    D = weight.float() - scale * (codes.float() - zero)  # (N, K)
+    G = D @ H  # (N, K): gradient / 2 of the loss with respect to D
+    diag = torch.diag(H)
+    for _ in range(sweeps):
+        for k in range(weight.shape[1]):
+            if diag[k] <= 0:
+                continue
+            s, z = scale[:, k], zero[:, k]
+            current = s * (codes[:, k].float() - z)
+            target = current + G[:, k] / diag[k]  # the vertex of the parabola, in weight units
+            q = torch.round(target / s) + z
+            q = torch.minimum(torch.maximum(q, low[:, k].float()), high[:, k].float())
+            delta = s * (q - z) - current  # change of Q's column k; D changes by -delta
+            if bool((delta != 0).any()):
+                codes[:, k] = q.to(torch.int32)
+                G -= delta.unsqueeze(1) * H[k].unsqueeze(0)
+    return codes
+
+
 def nested_gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, config: QuantizationConfig, wide: int, narrow: int
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: QuantizationConfig,
+    wide: int,
+    narrow: int,
+    refine_sweeps: int = 2,
 ) -> tuple[QuantizedWeight, QuantizedWeight]:
     """Solve ``weight`` (N, K) at ``narrow`` bits, then its residual at ``wide`` bits (see module doc).
 
@@ -190,16 +242,28 @@ def nested_gptq_quantize(
         q = torch.minimum(torch.maximum(q, low.float()), (low + f - 1).float()).to(torch.int32)
         return q.squeeze(1), grid.dequantize(q, scale, zero)
 
-    wide_codes = _gptq_columns(W, Hinv, config.block_size, round_wide)
+    wide_codes = _gptq_columns(W, Hinv, config.block_size, round_wide)[:, inverse_perm].contiguous()
     wide_qw = QuantizedWeight(
-        codes=wide_codes[:, inverse_perm].contiguous(), scales=wide_scales, zeros=wide_zeros.to(torch.int32),
+        codes=wide_codes, scales=wide_scales, zeros=wide_zeros.to(torch.int32),
         g_idx=g_idx.clone(), bits=wide, group_size=config.group_size, damp_percent=damp,
     )
 
-    h = hessian.to(W.device)
-    w = weight.to(W.device)
-    narrow_qw.loss = hessian_weighted_error(w, narrow_qw.dequantize(), h)
-    wide_qw.loss = hessian_weighted_error(w, wide_qw.dequantize(), h)
+    h = hessian.to(W.device).float()
+    w = weight.to(W.device).float()
+    dead = torch.diag(h) == 0
+    w = torch.where(dead.unsqueeze(0), torch.zeros_like(w), w) if bool(dead.any()) else w
+    narrow_qw.loss = hessian_weighted_error(weight.to(W.device), narrow_qw.dequantize(), h)
+    gptq_loss = hessian_weighted_error(weight.to(W.device), wide_qw.dequantize(), h)
+    if refine_sweeps > 0:
+        # 3. coordinate descent inside the cells, from the better of GPTQ's residuals and the centres.
+        low = narrow_qw.codes * f
+        if gptq_loss > narrow_qw.loss:
+            wide_qw.codes = low + f // 2
+        g = g_idx.long()
+        wide_qw.codes = refine_in_cells(
+            w, h, wide_qw.codes, low, low + f - 1, wide_scales[g].T, wide_zeros[g].T, refine_sweeps
+        )
+    wide_qw.loss = hessian_weighted_error(weight.to(W.device), wide_qw.dequantize(), h)
     return narrow_qw, wide_qw
 
 
