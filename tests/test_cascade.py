@@ -282,3 +282,48 @@ def test_only_nested_checkpoints_have_a_narrow_read(tmp_path):
     path = quantized.save_pretrained(tmp_path / "w8")
     with pytest.raises(CheckpointError, match="nested"):
         load_quantized(path, bits=4)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI end to end
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_model_and_texts(tmp_path_factory):
+    """A tiny Llama saved like a downloaded model, and calib/eval text in two 'languages'."""
+    from conftest import TINY_CORPUS, make_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cascade_cli")
+    tokenizer = make_tiny_tokenizer(add_bos=True)
+    llama = LlamaConfig(**{**TINY, "vocab_size": len(tokenizer), "bos_token_id": 2, "eos_token_id": 3,
+                           "initializer_range": 0.3})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(llama).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    for lang, lines in {"en": TINY_CORPUS[:2], "fr": TINY_CORPUS[2:]}.items():
+        for split in ("calib", "eval"):
+            (root / "texts").mkdir(exist_ok=True)
+            (root / "texts" / f"{lang}.{split}.txt").write_text("\n".join(lines * 20) + "\n")
+    return root / "model", root / "texts"
+
+
+def test_cli_nested_cascade_reports_both_reads(cli_model_and_texts, tmp_path):
+    from neural_quantization.cli import main
+
+    model_dir, texts = cli_model_and_texts
+    out, report = tmp_path / "nested", tmp_path / "report.json"
+    code = main([str(a) for a in (
+        "--model-name", model_dir, "--output-dir", out, "--cascade-mode", "nested", "--group-size", "32",
+        "--calibration-data", texts, "--target-languages", "en", "fr", "--num-samples", "8", "--seq-len", "32",
+        "--eval-data", texts, "--eval-seq-len", "32", "--report-json", report, "--quiet", "--no-fail-on-gate",
+    )])
+    assert code == 0
+    data = json.loads(report.read_text())
+    stages = data["stages"]
+    assert [s["bits"] for s in stages] == [4, 8]
+    # The stored model (8-bit read) is the one the report's languages describe.
+    assert stages[1]["degradation_pct"] == pytest.approx(data["avg_degradation_pct"])
+    assert isinstance(stages[0]["degradation_pct"], float)
+    assert data["compression_ratio"] == pytest.approx(stages[1]["compression_ratio"])
+    assert load_quantized(out, bits=4).model.layers[0].mlp.down_proj.bits == 4
