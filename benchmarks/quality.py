@@ -35,7 +35,12 @@ VARIANTS = {
     "gptq-w4-g64": dict(method="gptq", bits=4, group_size=64),
     "rtn-w8-perchannel": dict(method="rtn", bits=8, group_size=-1),
     "gptq-w8-perchannel": dict(method="gptq", bits=8, group_size=-1),
+    # GPTQ options, compared with the same protocol (python benchmarks/quality.py --variants ...)
+    "gptq-w4-g64-act-order": dict(method="gptq", bits=4, group_size=64, desc_act=True),
+    "rtn-w4-g64-asym": dict(method="rtn", bits=4, group_size=64, sym=False),
+    "gptq-w4-g64-asym": dict(method="gptq", bits=4, group_size=64, sym=False),
 }
+DEFAULT_VARIANTS = ["rtn-w4-g64", "gptq-w4-g64", "rtn-w8-perchannel", "gptq-w8-perchannel"]
 
 
 def main() -> None:
@@ -43,7 +48,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default=str(SHARED_DATA), help="directory with {lang}.calib.txt and {lang}.eval.txt")
     parser.add_argument("--languages", nargs="+", default=list(DEFAULT_LANGUAGES))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--num-samples", type=int, default=64, help="calibration windows (balanced over languages)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     parser.add_argument("--eval-seq-len", type=int, default=512)

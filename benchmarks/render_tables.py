@@ -2,6 +2,8 @@
 
     python benchmarks/render_tables.py quality benchmarks/results/quality_smollm2-135m.json
     python benchmarks/render_tables.py calibration benchmarks/results/calibration_languages_gemma3-270m.json
+    python benchmarks/render_tables.py kernels benchmarks/results/kernels_h100.json
+    python benchmarks/render_tables.py e2e benchmarks/results/e2e_h100.json
 
 Every number in those README sections comes from here, so none is typed in by hand.
 """
@@ -77,12 +79,52 @@ def calibration(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def kernels(document: dict[str, Any]) -> str:
+    env = document["environment"]
+    summary = [row for row in document["summary"] if row["dtype"] == "float16"]
+    lines = [
+        f"{env['device']}, torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, {env['date'][:10]}; "
+        f"int{document['settings']['bits']} group {document['settings']['group_size']}, fp16 activations, "
+        "Mistral-7B layer shapes (qkv, o, gate_up, down), times inside CUDA graphs; ratio = fp16 cuBLAS time / ours.",
+        "",
+        "| M | " + " | ".join(str(r["M"]) for r in summary) + " |",
+        "|---|" + "---|" * len(summary),
+        "| sum of 4 shapes, fp16 cuBLAS µs | " + " | ".join(f"{r['dense_graph_us']:.1f}" for r in summary) + " |",
+        "| sum of 4 shapes, ours µs | " + " | ".join(f"{r['ours_graph_us']:.1f}" for r in summary) + " |",
+        "| speed-up, sum of shapes | " + " | ".join(f"{r['sum_ratio_graph']:.2f}×" for r in summary) + " |",
+        "| speed-up, slowest shape | " + " | ".join(f"{r['min_shape_ratio_graph']:.2f}×" for r in summary) + " |",
+        "| speed-up without graphs (eager) | " + " | ".join(f"{r['sum_ratio_eager']:.2f}×" for r in summary) + " |",
+    ]
+    return "\n".join(lines)
+
+
+def e2e(document: dict[str, Any]) -> str:
+    env = document["environment"]
+    lines = [
+        f"{env['device']}, torch {env['torch']}, {env['date'][:10]}: Mistral-7B-shaped model with random fp16 weights, "
+        f"{document['settings']['quantization']}, static KV cache, one decode step captured in a CUDA graph.",
+        "",
+        "| batch | fp16 tokens/s | int4 tokens/s | int4 / fp16 | peak memory fp16 → int4 |",
+        "|---|---|---|---|---|",
+    ]
+    for fp, q in zip(document["fp16"], document["int4"]):
+        lines.append(
+            f"| {fp['batch']} | {fp['tokens_per_s_graph']:.1f} | {q['tokens_per_s_graph']:.1f} | "
+            f"{q['tokens_per_s_graph'] / fp['tokens_per_s_graph']:.2f}× | "
+            f"{fp['peak_memory_gib']:.1f} → {q['peak_memory_gib']:.1f} GiB |"
+        )
+    return "\n".join(lines)
+
+
+RENDERERS = {"quality": quality, "calibration": calibration, "kernels": kernels, "e2e": e2e}
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[0] not in ("quality", "calibration"):
+    if len(argv) != 2 or argv[0] not in RENDERERS:
         raise SystemExit(__doc__)
     with open(argv[1]) as f:
         document = json.load(f)
-    print(quality(document) if argv[0] == "quality" else calibration(document))
+    print(RENDERERS[argv[0]](document))
 
 
 if __name__ == "__main__":
