@@ -9,6 +9,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Without a GPU the Triton kernels are tested through Triton's interpreter. The variable must be
+# set before any module imports triton (any test importing neural_quantization may), so here.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
