@@ -613,7 +613,7 @@ def plot_degradation(report: Mapping[str, Any], path_png: str | Path) -> Path:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - matplotlib is an optional extra
-        raise ImportError("the chart needs matplotlib: pip install 'neural-quantization[report]'.") from err
+        raise ImportError("the chart needs matplotlib: pip install matplotlib.") from err
 
     languages = report.get("languages") or {}
     if not languages:
