@@ -127,6 +127,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: Quantizat
     else:
         group_of_position = torch.arange(n_in, device=W.device) // group
 
+    group_at = group_of_position.tolist()  # host copy: no device sync inside the column loop
     Hinv, damp_used = inverse_hessian_cholesky(H, config.damp_percent)  # (K, K) upper triangular
     codes = torch.zeros(n_out, n_in, dtype=torch.int32, device=W.device)
     scale = zero = None
@@ -138,7 +139,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: Quantizat
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            g = int(group_of_position[col])
+            g = group_at[col]
             if config.static_groups:
                 scale, zero = scales[g].unsqueeze(1), zeros[g].unsqueeze(1)
             elif col % group == 0:
