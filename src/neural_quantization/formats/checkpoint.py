@@ -38,12 +38,14 @@ the end, so an interrupted save never leaves a half-written checkpoint under the
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import shutil
 import tempfile
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,26 +148,44 @@ def save_quantized(
     target = check_output_dir(output_dir, overwrite)
     if not getattr(model.config, "quantization_config", None):
         raise CheckpointError("the model has no quantization_config; quantize it with neural_quantization first.")
+    with staged_directory(target) as staging:
+        write_model_directory(staging, _state_dict_without_tied_copies(model), model.config, model, tokenizer)
+    return target
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """Yield an empty sibling directory of ``target``; rename it to ``target`` when the block succeeds.
+
+    On any error the staging directory is removed and ``target`` is left as it was, so a crash
+    never leaves a half-written checkpoint under the requested name.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        save_file(_state_dict_without_tied_copies(model), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        model.config.save_pretrained(staging)
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            try:
-                generation_config.save_pretrained(staging)
-            except ValueError:  # an invalid generation config must not block the checkpoint
-                pass
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
+
+
+def write_model_directory(
+    directory: Path, tensors: dict[str, torch.Tensor], config: Any, model: nn.Module, tokenizer: Any = None
+) -> None:
+    """``model.safetensors`` + ``config.json`` (+ generation config and tokenizer) into ``directory``."""
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    config.save_pretrained(directory)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        try:
+            generation_config.save_pretrained(directory)
+        except ValueError:  # an invalid generation config must not block the checkpoint
+            pass
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def attach_save_pretrained(model: nn.Module, tokenizer: Any = None) -> nn.Module:

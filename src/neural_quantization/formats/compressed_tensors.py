@@ -61,13 +61,10 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from neural_quantization.config import QuantizationConfig
@@ -207,7 +204,7 @@ def export_compressed_tensors(
     and the tokenizer. Load it with ``AutoModelForCausalLM.from_pretrained(dir)`` (needs the
     ``compressed-tensors`` package) or ``vllm serve dir``.
     """
-    from neural_quantization.formats.checkpoint import check_output_dir
+    from neural_quantization.formats.checkpoint import check_output_dir, staged_directory, write_model_directory
 
     target = check_output_dir(output_dir, overwrite)
     ours = getattr(model.config, "quantization_config", None)
@@ -221,23 +218,6 @@ def export_compressed_tensors(
     model_config = copy.deepcopy(model.config)
     model_config.quantization_config = quantization_config(config, _unquantized_linear_names(model), record)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        model_config.save_pretrained(staging)
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            try:
-                generation_config.save_pretrained(staging)
-            except ValueError:
-                pass
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged_directory(target) as staging:
+        write_model_directory(staging, tensors, model_config, model, tokenizer)
     return target

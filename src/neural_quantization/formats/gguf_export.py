@@ -43,8 +43,6 @@ asymmetric grids, group sizes other than 32, act-order with reordered groups, 2/
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -427,22 +425,22 @@ def save_checkpoint_with_gguf(
     .gguf file inside it is what llama.cpp loads. Both go to a hidden staging sibling that is renamed
     into place only when both are complete.
     """
-    from neural_quantization.formats.checkpoint import check_output_dir, save_quantized
+    from neural_quantization.formats.checkpoint import (
+        _state_dict_without_tied_copies,
+        check_output_dir,
+        staged_directory,
+        write_model_directory,
+    )
 
     target = check_output_dir(output_dir, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging_root = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
-    staging = staging_root / target.name
-    try:
-        save_quantized(model, staging, tokenizer=tokenizer)
-        record = model.config.quantization_config["neural_quantization"]
-        gguf_type = check_export_config(QuantizationConfig.from_dict(record["config"]))
+    ours = getattr(model.config, "quantization_config", None)
+    if not ours or "neural_quantization" not in ours:
+        raise GGUFExportError("the model has no quantization_config from neural_quantization; quantize it first.")
+    record = ours["neural_quantization"]
+    gguf_type = check_export_config(QuantizationConfig.from_dict(record["config"]))
+    with staged_directory(target) as staging:
+        write_model_directory(staging, _state_dict_without_tied_copies(model), model.config, model, tokenizer)
         report = export_gguf(model, staging / gguf_file_name(target, gguf_type), tokenizer=tokenizer,
                              source_gguf=source_gguf)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging_root, ignore_errors=True)
     report.path = str(target / Path(report.path).name)
     return target, report
