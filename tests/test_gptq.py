@@ -142,3 +142,19 @@ def test_config_round_trips_and_rejects_unknown_keys():
     assert QuantizationConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown"):
         QuantizationConfig.from_dict({**config.to_dict(), "bitz": 4})
+
+
+@pytest.mark.parametrize(
+    "kwargs,reason",
+    [(dict(bits=3), "bits=3"), (dict(sym=False), "--sym"), (dict(group_size=100), "group_size=100"),
+     (dict(bits=2, group_size=16), "bits=2")],
+)
+def test_marlin_profile_refuses_what_marlin_cannot_serve(kwargs, reason):
+    with pytest.raises(ConfigError, match="marlin") as err:
+        QuantizationConfig(kernel_backend="marlin", **kwargs)
+    assert reason in str(err.value)
+
+
+def test_marlin_profile_accepts_its_configurations():
+    for kwargs in (dict(bits=4, group_size=128, desc_act=True), dict(bits=8, group_size=-1), dict(group_size=32)):
+        assert QuantizationConfig(kernel_backend="marlin", **kwargs).kernel_backend == "marlin"

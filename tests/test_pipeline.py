@@ -226,3 +226,14 @@ def test_pipeline_on_cuda_matches_cpu_and_round_trips(tmp_path):
     loaded = load_quantized(tmp_path / "ckpt", device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids.cuda()).logits.cpu(), on_gpu.cuda()(ids.cuda()).logits.cpu())
+
+
+def test_marlin_profile_checks_layer_shapes_before_quantizing():
+    from neural_quantization.config import ConfigError
+
+    model = tiny_model("llama")  # hidden 64: in_features 64 is not a multiple of 128
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match="multiple of 128"):
+        Quantizer(QuantizationConfig(kernel_backend="marlin", group_size=32)).quantize_model(model, tokens())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # untouched
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())

@@ -26,6 +26,40 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message says how to fix it."""
 
 
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)
+
+
+def marlin_config_problems(config: QuantizationConfig) -> list[str]:
+    """Why vLLM's GPTQ-Marlin kernels would refuse ``config`` (empty when they accept it).
+
+    Marlin serves symmetric 4- or 8-bit weights with group size -1, 32, 64 or 128; act-order is
+    allowed (vLLM sorts ``g_idx`` at load). Shape rules are checked per layer by
+    :func:`marlin_shape_problems`. Source: vLLM ``gptq_marlin.py`` / ``marlin_utils.py`` (docs/formats.md).
+    """
+    problems = []
+    if config.bits not in (4, 8):
+        problems.append(f"bits={config.bits} (Marlin runs 4 or 8 bits; use --bits 4)")
+    if not config.sym:
+        problems.append("asymmetric grid (Marlin's GPTQ path needs --sym)")
+    if config.group_size not in MARLIN_GROUP_SIZES:
+        problems.append(f"group_size={config.group_size} (Marlin accepts {MARLIN_GROUP_SIZES})")
+    if config.cascade_stages and any(b not in (4, 8) for b in config.cascade_stages):
+        problems.append(f"cascade_stages={config.cascade_stages} (every stored width must be 4 or 8)")
+    return problems
+
+
+def marlin_shape_problems(name: str, in_features: int, out_features: int, group_size: int) -> list[str]:
+    """Layer shapes Marlin's tiles cannot take: N must divide by 64, K by 128 and by the group size."""
+    problems = []
+    if out_features % 64:
+        problems.append(f"{name}: out_features={out_features} is not a multiple of 64")
+    if in_features % 128:
+        problems.append(f"{name}: in_features={in_features} is not a multiple of 128")
+    if group_size != -1 and in_features % group_size:
+        problems.append(f"{name}: in_features={in_features} is not a multiple of group_size={group_size}")
+    return problems
+
+
 @dataclass
 class QuantizationConfig:
     """How to quantize a model.
@@ -110,6 +144,13 @@ class QuantizationConfig:
             raise ConfigError("calibration_batch_size must be >= 1.")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ConfigError(f"kernel_backend={self.kernel_backend!r} is unknown; use one of {KERNEL_BACKENDS}.")
+        if self.kernel_backend == "marlin":
+            problems = marlin_config_problems(self)
+            if problems:
+                raise ConfigError(
+                    "kernel_backend='marlin' (the vLLM Marlin deployment profile) cannot serve this configuration: "
+                    + "; ".join(problems)
+                )
         if isinstance(self.target_languages, str):
             self.target_languages = [x for x in self.target_languages.replace(",", " ").split() if x]
         self.target_languages = list(self.target_languages)

@@ -62,6 +62,26 @@ class QuantizationResults:
         return sum(losses) / len(losses) if losses else None
 
 
+def check_marlin_shapes(model: nn.Module, config: QuantizationConfig) -> None:
+    """Fail before quantizing when a layer to be quantized has a shape vLLM's Marlin kernels refuse."""
+    from neural_quantization.config import ConfigError, marlin_shape_problems
+    from neural_quantization.models.discovery import find_decoder_layers, find_linear_layers
+
+    _, layers = find_decoder_layers(model)
+    problems = [
+        problem
+        for block in layers[:1]  # every decoder layer has the same shapes
+        for name, linear in find_linear_layers(block).items()
+        for problem in marlin_shape_problems(name, linear.in_features, linear.out_features, config.group_size)
+    ]
+    if problems:
+        raise ConfigError(
+            "kernel_backend='marlin': this model's layers do not fit vLLM's Marlin kernels ("
+            + "; ".join(problems)
+            + "). Use --kernel-backend auto (vLLM then serves the checkpoint with its gptq kernels)."
+        )
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,6 +166,8 @@ class Quantizer:
         model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         device = resolve_device(config.device)
         model.eval()
+        if config.kernel_backend == "marlin":
+            check_marlin_shapes(model, config)
 
         start = time.perf_counter()
         input_ids, calibration = self._calibration_tokens(model, tokenizer, calibration_data, config)
