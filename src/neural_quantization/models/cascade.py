@@ -35,16 +35,10 @@ from neural_quantization.config import QuantizationConfig
 from neural_quantization.core.cascade import narrow_view, nested_gptq_quantize
 from neural_quantization.core.quantized_weight import QuantizedWeight
 from neural_quantization.formats.gptq import to_gptq_tensors
-from neural_quantization.models.discovery import find_decoder_layers, find_linear_layers, move_all_but, set_submodule
+from neural_quantization.models.discovery import set_submodule
 from neural_quantization.models.sequential import (
-    LayerInputs,
     LinearReport,
-    _to_device,
-    capture_layer_inputs,
-    collect_hessians,
-    linear_groups,
     quantize_decoder_layers,
-    run_block,
 )
 from neural_quantization.nn.qlinear import QuantLinear
 
@@ -219,52 +213,30 @@ def nested_cascade(
 ) -> list[StageReport]:
     """Quantize ``model`` in place to a nested checkpoint (wide QuantLinears); reports [narrow, wide].
 
-    The layer loop mirrors :func:`models.sequential.quantize_decoder_layers` (see the module
-    docstring for which weights the calibration runs through). Stage seconds: the narrow stage gets
+    It is :func:`models.sequential.quantize_decoder_layers` with a solver that returns the narrow
+    layer to calibrate on through the block and the wide layer to keep (see the module docstring
+    for which weights the calibration runs through). Stage seconds: the narrow stage gets
     the pipeline (captures, Hessians, forwards) and half of each solve; the wide stage the other half
     (the two solves of a linear are one call and cost about the same).
     """
     wide, narrow = config.cascade_stages
-    start = time.perf_counter()
-    layers_name, layers = find_decoder_layers(model)
-    home = {index: next(block.parameters()).device for index, block in enumerate(layers)}
-    rest_home = model.get_input_embeddings().weight.device
-    move_all_but(model, layers, device)
-    batches = list(input_ids.split(config.calibration_batch_size))
-    hidden, layer_kwargs = capture_layer_inputs(model, layers, batches, device)
-    narrow_reports: list[LinearReport] = []
-    wide_reports: list[LinearReport] = []
     narrow_tensors: list[dict[str, torch.Tensor]] = []
 
-    for index, block in enumerate(layers):
-        block.to(device)
-        inputs = LayerInputs(hidden=hidden, kwargs=[_to_device(k, device) for k in layer_kwargs[index]])
-        linears = find_linear_layers(block)
-        groups = linear_groups(block, linears, inputs.hidden[0], inputs.kwargs[0]) if config.true_sequential else [list(linears)]
-        wide_layers: dict[str, QuantLinear] = {}
-        for group in groups:
-            hessians = collect_hessians(block, linears, group, inputs, shared_input=config.true_sequential)
-            for name in group:
-                linear = linears[name]
-                (narrow_qw, narrow_rep), (wide_qw, wide_rep) = _solve_nested(
-                    f"{layers_name}.{index}.{name}", linear, hessians[name], config
-                )
-                narrow_reports.append(narrow_rep)
-                wide_reports.append(wide_rep)
-                narrow_tensors.append(to_gptq_tensors(narrow_qw))
-                # Calibrate on through the narrow model; keep the wide layer for the checkpoint.
-                set_submodule(block, name, QuantLinear.from_quantized(linear, narrow_qw, config.kernel_backend))
-                wide_layers[name] = QuantLinear.from_quantized(linear, wide_qw, config.kernel_backend)
-            del hessians
-        hidden = run_block(block, inputs)
-        for name, layer in wide_layers.items():
-            set_submodule(block, name, layer)
-        block.to(home[index])
-        layer_kwargs[index] = []
-        if on_layer_done:
-            on_layer_done(index + 1, len(layers))
-    move_all_but(model, layers, rest_home)
+    def solve(name: str, linear: nn.Linear, hessian: torch.Tensor | None, cfg: QuantizationConfig):
+        (narrow_qw, narrow_rep), (wide_qw, wide_rep) = _solve_nested(name, linear, hessian, cfg)
+        narrow_tensors.append(to_gptq_tensors(narrow_qw))
+        # Calibrate on through the narrow model; keep the wide layer for the checkpoint.
+        return (
+            QuantLinear.from_quantized(linear, narrow_qw, cfg.kernel_backend),
+            QuantLinear.from_quantized(linear, wide_qw, cfg.kernel_backend),
+            [narrow_rep, wide_rep],
+        )
+
+    start = time.perf_counter()
+    reports = quantize_decoder_layers(model, input_ids, config, device, on_layer_done, solve=solve)
     total = time.perf_counter() - start
+    narrow_reports = [r for r in reports if r.method == f"gptq-nested-{narrow}"]
+    wide_reports = [r for r in reports if r.method == f"gptq-nested-{wide}"]
 
     wide_modules = quantized_linears(model)
     fp16 = _fp16_bytes(wide_modules)

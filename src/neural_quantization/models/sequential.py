@@ -265,6 +265,22 @@ def run_block(block: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
     return [_layer_output(block(hidden, **kwargs)) for hidden, kwargs in zip(inputs.hidden, inputs.kwargs)]
 
 
+# A solver for one linear layer: (name, linear, Hessian or None, config) ->
+# (layer the calibration runs on through the rest of its block, layer kept in the model, reports).
+# The two layers differ only for the nested cascade, which calibrates through its narrow read.
+LinearSolver = Callable[
+    [str, nn.Linear, "torch.Tensor | None", QuantizationConfig], tuple[nn.Module, nn.Module, list[LinearReport]]
+]
+
+
+def solve_linear(
+    name: str, linear: nn.Linear, hessian: torch.Tensor | None, config: QuantizationConfig
+) -> tuple[nn.Module, nn.Module, list[LinearReport]]:
+    """The default :data:`LinearSolver`: GPTQ or RTN, one QuantLinear used and kept."""
+    qlinear, report = quantize_linear(name, linear, hessian, config)
+    return qlinear, qlinear, [report]
+
+
 @torch.no_grad()
 def quantize_decoder_layers(
     model: nn.Module,
@@ -272,12 +288,14 @@ def quantize_decoder_layers(
     config: QuantizationConfig,
     device: torch.device,
     on_layer_done: Callable[[int, int], None] | None = None,
+    solve: LinearSolver = solve_linear,
 ) -> list[LinearReport]:
     """Quantize every linear layer inside the decoder blocks of ``model``, in place.
 
     input_ids: (num_samples, seq_len) calibration tokens (unused for RTN, which needs no data).
-    Returns one report per linear layer, in the order they were quantized; ``on_layer_done(i, n)``
-    is called after each decoder layer (for progress bars).
+    Returns the reports of every linear layer, in the order they were quantized;
+    ``on_layer_done(i, n)`` is called after each decoder layer (for progress bars). ``solve`` turns
+    one linear layer and its Hessian into its replacements (see :data:`LinearSolver`).
     """
     layers_name, layers = find_decoder_layers(model)
     reports: list[LinearReport] = []
@@ -306,14 +324,19 @@ def quantize_decoder_layers(
             groups = linear_groups(block, linears, inputs.hidden[0], inputs.kwargs[0])
         else:
             groups = [list(linears)]
+        kept: dict[str, nn.Module] = {}
         for group in groups:
             hessians = collect_hessians(block, linears, group, inputs, shared_input=config.true_sequential)
             for name in group:
-                qlinear, report = quantize_linear(f"{layers_name}.{index}.{name}", linears[name], hessians[name], config)
-                set_submodule(block, name, qlinear)
-                reports.append(report)
+                used, kept[name], linear_reports = solve(
+                    f"{layers_name}.{index}.{name}", linears[name], hessians[name], config
+                )
+                set_submodule(block, name, used)
+                reports.extend(linear_reports)
             del hessians
         hidden = run_block(block, inputs)
+        for name, layer in kept.items():
+            set_submodule(block, name, layer)
         block.to(home[index])
         layer_kwargs[index] = []  # free this layer's masks and rotary tables
         if on_layer_done:
