@@ -104,7 +104,7 @@ def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, m
     cache_position = torch.tensor([prompt_len], device=device, dtype=torch.long)
 
     def step():
-        return model(input_ids=ids, position_ids=position, past_key_values=cache, use_cache=True,
+        return model(input_ids=ids, position_ids=position, past_key_values=cache, use_cache=True,  # noqa: F821 (deleted only after the last call)
                      cache_position=cache_position).logits
 
     stream = torch.cuda.Stream()
