@@ -36,6 +36,7 @@ import torch
 from neural_quantization.formats.packing import pack
 from neural_quantization.kernels import ops
 from neural_quantization.kernels.reference import quant_linear_reference
+from neural_quantization.kernels.timing import time_in_graph
 
 MISTRAL_7B_SHAPES: dict[str, tuple[int, int]] = {
     "qkv": (4096, 6144),
@@ -92,29 +93,7 @@ def random_gptq_layer(in_features: int, out_features: int, bits: int, group_size
 
 def time_graph(fns: Sequence[Callable[[], object]], calls: int, repeats: int) -> float:
     """µs per call: ``calls`` calls (cycling through ``fns``) in one CUDA graph, median of replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    graph.replay()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / calls)
-    del graph
-    return statistics.median(times)
+    return time_in_graph(fns, calls, repeats, warmup_replays=2)
 
 
 def time_eager(fns: Sequence[Callable[[], object]], calls: int, repeats: int) -> float:

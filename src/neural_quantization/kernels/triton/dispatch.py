@@ -38,6 +38,7 @@ from neural_quantization.kernels.triton.dot_slices import dot_slices_kernel
 from neural_quantization.kernels.triton.dot_splitk import dot_splitk_kernel
 from neural_quantization.kernels.triton.gemv_rows import gemv_rows_kernel
 from neural_quantization.kernels.triton.gemv_splitk import gemv_splitk_kernel
+from neural_quantization.kernels.timing import time_in_graph
 
 _SLICES = ("dot_slices", "dot_slices_swap", "dot_slices_xs", "dot_slices_swap_xs")
 STRATEGIES = ("gemv_rows", *_SLICES, "gemv", "dot", "dequant")
@@ -318,31 +319,6 @@ def autotune_enabled() -> bool:
     return os.environ.get("NQ_KERNEL_AUTOTUNE", "1") not in ("0", "false", "False", "")
 
 
-def _time_in_graph(fns, calls: int = 10, repeats: int = 5) -> float:
-    """Median µs per call over ``repeats`` replays of a graph of ``calls`` calls cycling through ``fns``."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / calls)
-    del graph
-    return sorted(times)[len(times) // 2]
-
-
 def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric) -> LaunchConfig:
     """Time every candidate on these inputs (eagerly, CUDA only) and cache the fastest.
 
@@ -367,7 +343,7 @@ def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features
         try:
             launches[0]()
             torch.cuda.synchronize(x2d.device)
-            elapsed = _time_in_graph(launches, calls=max(10, len(launches)))
+            elapsed = time_in_graph(launches, calls=max(10, len(launches)), repeats=5)
         except Exception as error:  # a configuration that does not compile or fit is skipped
             timings[config.describe()] = f"failed: {type(error).__name__}"
             continue
