@@ -16,7 +16,11 @@ import torch
 from torch import nn
 
 from neural_quantization.config import QuantizationConfig
-from neural_quantization.formats.checkpoint import attach_save_pretrained, gptq_quantization_config
+from neural_quantization.formats.checkpoint import (
+    attach_save_pretrained,
+    gptq_quantization_config,
+    unique_state_items,
+)
 from neural_quantization.models.sequential import quantize_decoder_layers
 from neural_quantization.nn.qlinear import QuantLinear
 
@@ -90,20 +94,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def unique_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Parameters and persistent buffers, each shared (tied) tensor once."""
-    seen, out = set(), []
-    for tensor in model.state_dict().values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            out.append(tensor)
-    return out
-
-
 def measure_sizes(model: nn.Module, reference_fp16_bytes: int) -> dict[str, Any]:
     """Bytes of the quantized model and of its quantized linears, against fp16."""
-    quantized_bytes = sum(t.numel() * t.element_size() for t in unique_tensors(model))
+    quantized_bytes = sum(t.numel() * t.element_size() for _, t in unique_state_items(model))
     linear_fp16 = linear_packed = 0
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -171,7 +164,7 @@ class Quantizer:
 
         start = time.perf_counter()
         input_ids, calibration = self._calibration_tokens(model, tokenizer, calibration_data, config)
-        reference_fp16_bytes = sum(t.numel() for t in unique_tensors(model)) * FP16_BYTES
+        reference_fp16_bytes = sum(t.numel() for _, t in unique_state_items(model)) * FP16_BYTES
         stages = []
         if config.cascade_stages:
             from neural_quantization.models.cascade import run_cascade

@@ -125,17 +125,20 @@ def gptq_quantization_config(
     }
 
 
-def _state_dict_without_tied_copies(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each shared tensor stored once (the first name wins)."""
-    seen: dict[tuple[int, int, tuple], str] = {}
-    tensors: dict[str, torch.Tensor] = {}
+def unique_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of the state dict, each shared (tied) tensor once, under its first name."""
+    seen: set[tuple[int, int, tuple]] = set()
     for name, tensor in model.state_dict().items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if tensor.numel() and key in seen:
             continue
-        seen[key] = name
-        tensors[name] = tensor.detach().to("cpu").contiguous()
-    return tensors
+        seen.add(key)
+        yield name, tensor
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors to store: the state dict without tied copies, on the CPU, contiguous."""
+    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in unique_state_items(model)}
 
 
 def save_quantized(
@@ -149,7 +152,7 @@ def save_quantized(
     if not getattr(model.config, "quantization_config", None):
         raise CheckpointError("the model has no quantization_config; quantize it with neural_quantization first.")
     with staged_directory(target) as staging:
-        write_model_directory(staging, _state_dict_without_tied_copies(model), model.config, model, tokenizer)
+        write_model_directory(staging, checkpoint_tensors(model), model.config, model, tokenizer)
     return target
 
 

@@ -69,6 +69,7 @@ from torch import nn
 
 from neural_quantization.config import QuantizationConfig
 from neural_quantization.formats.packing import pack
+from neural_quantization.formats.checkpoint import unique_state_items
 from neural_quantization.nn.qlinear import QuantLinear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -179,15 +180,9 @@ def compressed_state_dict(model: nn.Module, sym: bool) -> dict[str, torch.Tensor
         for key, tensor in layer_tensors(layer, sym).items():
             tensors[f"{name}.{key}"] = tensor
     skip = {f"{name}.{buf}" for name in quantized for buf in ("qweight", "qzeros", "scales", "g_idx")}
-    seen: set[tuple[int, int, tuple]] = set()
-    for name, tensor in model.state_dict().items():
-        if name in skip:
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = tensor.detach().cpu().contiguous()
+    for name, tensor in unique_state_items(model):
+        if name not in skip:
+            tensors[name] = tensor.detach().cpu().contiguous()
     return tensors
 
 

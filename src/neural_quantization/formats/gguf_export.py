@@ -426,8 +426,8 @@ def save_checkpoint_with_gguf(
     into place only when both are complete.
     """
     from neural_quantization.formats.checkpoint import (
-        _state_dict_without_tied_copies,
         check_output_dir,
+        checkpoint_tensors,
         staged_directory,
         write_model_directory,
     )
@@ -439,7 +439,7 @@ def save_checkpoint_with_gguf(
     record = ours["neural_quantization"]
     gguf_type = check_export_config(QuantizationConfig.from_dict(record["config"]))
     with staged_directory(target) as staging:
-        write_model_directory(staging, _state_dict_without_tied_copies(model), model.config, model, tokenizer)
+        write_model_directory(staging, checkpoint_tensors(model), model.config, model, tokenizer)
         report = export_gguf(model, staging / gguf_file_name(target, gguf_type), tokenizer=tokenizer,
                              source_gguf=source_gguf)
     report.path = str(target / Path(report.path).name)
