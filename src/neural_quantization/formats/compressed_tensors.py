@@ -68,11 +68,10 @@ import torch
 from torch import nn
 
 from neural_quantization.config import QuantizationConfig
-from neural_quantization.formats.packing import pack
 from neural_quantization.formats.checkpoint import unique_state_items
+from neural_quantization.formats.packing import pack
 from neural_quantization.nn.qlinear import QuantLinear
 
-WEIGHTS_NAME = "model.safetensors"
 SUPPORTED_BITS = (4, 8)
 
 
