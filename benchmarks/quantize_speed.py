@@ -5,7 +5,9 @@ random bf16 weights directly on the GPU, and calibrated on random token ids (def
 
     python benchmarks/quantize_speed.py --layers 32 --output benchmarks/results/quantize_speed_h100.json
 
-Records seconds per decoder layer and in total, peak GPU memory and the per-linear solve times.
+Records seconds per decoder layer and in total, peak GPU and CPU memory, the per-linear solve times
+and where the time went (``phases``: capturing layer-0 inputs, calibration forwards that collect
+Hessians, GPTQ solves, forwards producing the next layer's inputs; each timed with a device sync).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -20,11 +23,33 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from neural_quantization import QuantizationConfig, Quantizer
+from neural_quantization.models import sequential
 
 MISTRAL_7B = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
     num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6,
 )
+
+
+# pipeline steps timed separately (functions of models/sequential.py)
+PHASES = {"capture_inputs": "capture_layer_inputs", "find_groups": "linear_groups",
+          "hessian_forwards": "collect_hessians", "next_layer_forwards": "run_block"}
+
+
+def time_pipeline_phases(seconds: dict[str, float]) -> None:
+    """Wrap the pipeline's steps so each adds its synchronized wall time to ``seconds``."""
+    for phase, function_name in PHASES.items():
+        original = getattr(sequential, function_name)
+
+        def timed(*args, _original=original, _phase=phase, **kwargs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = _original(*args, **kwargs)
+            torch.cuda.synchronize()
+            seconds[_phase] = seconds.get(_phase, 0.0) + time.perf_counter() - start
+            return result
+
+        setattr(sequential, function_name, timed)
 
 
 def main() -> None:
@@ -51,6 +76,8 @@ def main() -> None:
         calibration_batch_size=args.batch_size, device="cuda", kernel_backend=args.kernel_backend,
     )
     layer_done: list[float] = []
+    phases: dict[str, float] = {}
+    time_pipeline_phases(phases)
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -77,7 +104,9 @@ def main() -> None:
         "median_layer_seconds": sorted(per_layer)[len(per_layer) // 2],
         "per_layer_seconds": per_layer,
         "solve_seconds_by_linear": solve_by_kind,
+        "phases_seconds": {**phases, "gptq_solves": sum(solve_by_kind.values())},
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_cpu_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "environment": {
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

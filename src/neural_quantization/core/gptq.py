@@ -35,6 +35,10 @@ Options that change the order or the grid:
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 
 from neural_quantization.config import QuantizationConfig
@@ -58,14 +62,52 @@ def accumulate_hessian(
     ``H`` independent of how many tokens were seen, so damping fractions mean the same thing
     for any calibration size.
     """
-    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    x = inputs.reshape(-1, inputs.shape[-1])
     batch = x.shape[0]
     if hessian is None:
         hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
     total = n_tokens + batch
     hessian.mul_(n_tokens / total)
-    hessian.addmm_(x.T, x, alpha=2.0 / total)
+    half_on_gpu = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    if half_on_gpu and _HALF_MM_TO_FP32[0]:
+        # Products of fp16/bf16 numbers are exact in fp32, so tensor cores accumulating in fp32
+        # give the fp32 result (up to summation order) without first copying x to fp32.
+        try:
+            hessian.add_(torch.mm(x.T, x, out_dtype=torch.float32), alpha=2.0 / total)
+            return hessian, total
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without out_dtype for mm
+            _HALF_MM_TO_FP32[0] = False
+    # fp16/bf16 values are exact in TF32 (10-bit mantissa), so TF32 tensor cores are exact here too.
+    x = x.float()
+    with _tf32_matmul(half_on_gpu):
+        hessian.addmm_(x.T, x, alpha=2.0 / total)
     return hessian, total
+
+
+_HALF_MM_TO_FP32 = [True]  # set to False once torch.mm(..., out_dtype=float32) turned out unsupported
+
+
+@contextlib.contextmanager
+def _tf32_matmul(enabled: bool) -> Iterator[None]:
+    """Let CUDA fp32 matrix products use TF32 tensor cores inside the block (when ``enabled``)."""
+    matmul = torch.backends.cuda.matmul
+    if not enabled:
+        yield
+        return
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
@@ -130,29 +172,20 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: Quantizat
     group_at = group_of_position.tolist()  # host copy: no device sync inside the column loop
     Hinv, damp_used = inverse_hessian_cholesky(H, config.damp_percent)  # (K, K) upper triangular
     codes = torch.zeros(n_out, n_in, dtype=torch.int32, device=W.device)
-    scale = zero = None
+    solve_columns, group_table = _column_solver(W, config.block_size, group_of_position, group_at)
 
     for i1 in range(0, n_in, config.block_size):
         i2 = min(i1 + config.block_size, n_in)
         W1 = W[:, i1:i2].clone()  # (N, B) current block, updated column by column
-        Err1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)  # (N, B) scaled errors of the block's columns
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = group_at[col]
-            if config.static_groups:
-                scale, zero = scales[g].unsqueeze(1), zeros[g].unsqueeze(1)
-            elif col % group == 0:
+        for s1, s2 in _segments(i1, i2, group, fixed_grids=config.static_groups):
+            if not config.static_groups and s1 % group == 0:
                 # The group's grid, from the weights as GPTQ has updated them so far.
-                upcoming = torch.cat([W1[:, i:], W[:, i2 : col + group]], dim=1)[:, :group]
+                upcoming = torch.cat([W1[:, s1 - i1 :], W[:, i2 : s1 + group]], dim=1)[:, :group]
                 scale, zero = grid.choose_params(upcoming, bits, sym, mse)
-                scales[g], zeros[g] = scale.squeeze(1), zero.squeeze(1)
-            w = W1[:, i : i + 1]  # (N, 1)
-            q = grid.quantize(w, scale, zero, bits)
-            codes[:, col] = q.squeeze(1)
-            err = (w - grid.dequantize(q, scale, zero)) / Hinv1[i, i]  # (N, 1)
-            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
-            Err1[:, i : i + 1] = err
+                scales[group_at[s1]], zeros[group_at[s1]] = scale.squeeze(1), zero.squeeze(1)
+            solve_columns(W1, Err1, codes[:, i1:i2], Hinv1, scales, zeros, group_table[i1:i2], s1 - i1, s2 - i1, bits)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of everything after the block
 
     inverse_perm = torch.argsort(perm)
@@ -168,3 +201,59 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: Quantizat
     )
     result.loss = hessian_weighted_error(weight.to(W.device), result.dequantize(), hessian.to(W.device))
     return result
+
+
+def _segments(i1: int, i2: int, group: int, fixed_grids: bool) -> list[tuple[int, int]]:
+    """Split the block ``[i1, i2)`` where a group starts whose grid is chosen during the solve."""
+    cuts = [i1] + ([] if fixed_grids else [p for p in range(i1 + 1, i2) if p % group == 0]) + [i2]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def quantize_columns_torch(
+    block: torch.Tensor,
+    errors: torch.Tensor,
+    codes: torch.Tensor,
+    hinv_block: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_of_column: list[int],
+    start: int,
+    stop: int,
+    bits: int,
+) -> None:
+    """Columns ``start … stop - 1`` of one block, one at a time (Algorithm 1's inner loop), in place.
+
+    block, errors: (N, B) fp32; codes: (N, B) int32 view of the code matrix; hinv_block: (B, B) the
+    block's part of the upper Cholesky factor ``U`` of ``H^-1``; scales, zeros: (G, N) grid table;
+    group_of_column: the group of each column of the block. ``kernels/triton/gptq_columns.py`` is
+    the same loop as one GPU kernel.
+    """
+    for i in range(start, stop):
+        g = group_of_column[i]
+        scale, zero = scales[g].unsqueeze(1), zeros[g].unsqueeze(1)
+        w = block[:, i : i + 1]  # (N, 1)
+        q = grid.quantize(w, scale, zero, bits)
+        codes[:, i] = q.squeeze(1)
+        err = (w - grid.dequantize(q, scale, zero)) / hinv_block[i, i]  # (N, 1)
+        block[:, i:] -= err @ hinv_block[i : i + 1, i:]
+        errors[:, i : i + 1] = err
+
+
+#: Longest block the column kernel keeps in registers; longer blocks use the torch loop.
+KERNEL_MAX_BLOCK = 256
+
+
+def _column_solver(W: torch.Tensor, block_size: int, group_of_position: torch.Tensor, group_at: list[int]):
+    """The column loop to use for ``W``'s device, and the group table in the form it reads.
+
+    On CUDA with Triton installed: the one-launch-per-segment kernel (``NQ_GPTQ_COLUMN_KERNEL=0``
+    turns it off); elsewhere the torch loop.
+    """
+    if W.is_cuda and block_size <= KERNEL_MAX_BLOCK and os.environ.get("NQ_GPTQ_COLUMN_KERNEL", "1") != "0":
+        try:
+            from neural_quantization.kernels.triton.gptq_columns import quantize_columns
+        except ImportError:  # Triton is an optional dependency
+            pass
+        else:
+            return quantize_columns, group_of_position.to(device=W.device, dtype=torch.int32)
+    return quantize_columns_torch, group_at

@@ -38,15 +38,15 @@ TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def to_gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """Pack a :class:`QuantizedWeight` into the four GPTQ tensors (on the CPU)."""
+    """Pack a :class:`QuantizedWeight` into the four GPTQ tensors (on the device of its codes)."""
     mask = (1 << qw.bits) - 1
     if int(qw.zeros.min()) < 1:
         raise ValueError("GPTQ format needs zero points >= 1; quantize with core.grid (it guarantees this)")
     return {
-        "qweight": pack(qw.codes.T.cpu(), qw.bits, dim=0),
-        "qzeros": pack(((qw.zeros - 1) & mask).cpu(), qw.bits, dim=1),
-        "scales": qw.scales.to(torch.float16).cpu().contiguous(),
-        "g_idx": qw.g_idx.to(torch.int32).cpu().contiguous(),
+        "qweight": pack(qw.codes.T, qw.bits, dim=0),
+        "qzeros": pack((qw.zeros - 1) & mask, qw.bits, dim=1),
+        "scales": qw.scales.to(torch.float16).contiguous(),
+        "g_idx": qw.g_idx.to(torch.int32).contiguous(),
     }
 
 

@@ -224,7 +224,7 @@ def nested_cascade(
 
     def solve(name: str, linear: nn.Linear, hessian: torch.Tensor | None, cfg: QuantizationConfig):
         (narrow_qw, narrow_rep), (wide_qw, wide_rep) = _solve_nested(name, linear, hessian, cfg)
-        narrow_tensors.append(to_gptq_tensors(narrow_qw))
+        narrow_tensors.append({key: t.cpu() for key, t in to_gptq_tensors(narrow_qw).items()})
         # Calibrate on through the narrow model; keep the wide layer for the checkpoint.
         return (
             QuantLinear.from_quantized(linear, narrow_qw, cfg.kernel_backend),

@@ -276,9 +276,19 @@ LinearSolver = Callable[
 def solve_linear(
     name: str, linear: nn.Linear, hessian: torch.Tensor | None, config: QuantizationConfig
 ) -> tuple[nn.Module, nn.Module, list[LinearReport]]:
-    """The default :data:`LinearSolver`: GPTQ or RTN, one QuantLinear used and kept."""
+    """The default :data:`LinearSolver`: GPTQ or RTN; the QuantLinear is kept, and the calibration
+    runs on through an ``nn.Linear`` holding its dequantized weight (the same numbers as the
+    QuantLinear's reference path, without unpacking per batch or tuning GPU kernels mid-run)."""
     qlinear, report = quantize_linear(name, linear, hessian, config)
-    return qlinear, qlinear, [report]
+    return dequantized_linear(linear, qlinear), qlinear, [report]
+
+
+def dequantized_linear(linear: nn.Linear, qlinear: QuantLinear) -> nn.Linear:
+    """An ``nn.Linear`` like ``linear`` whose weight is ``qlinear``'s dequantized weight."""
+    used = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
+    used.weight = nn.Parameter(qlinear.dequantize_weight(linear.weight.dtype), requires_grad=False)
+    used.bias = linear.bias
+    return used
 
 
 @torch.no_grad()
