@@ -21,13 +21,14 @@ command as quantize_speed.py so both run on the same card:
 On a CPU: ``python3 benchmarks/llmcompressor_speed.py --tiny --device cpu`` (2 layers, hidden 256,
 8 x 64 tokens; about 1 s of oneshot).
 
-Records total seconds (``oneshot`` from call to return, fx tracing and setup included), seconds per
-decoder layer (a forward pre-hook on each decoder layer: its first real call opens the layer's
-calibration pass, and a layer's time runs to the next layer's first call, the last layer's to the
-end of its last call, so each covers calibrate + solve + propagate; ``setup_seconds`` is what comes
-before layer 0, ``tail_seconds`` what follows the last layer), the GPTQ solve alone per layer
-(``GPTQModifier.compress_module_list`` timed, comparable with quantize_speed.py's
-``solve_seconds_by_linear`` summed), peak GPU memory and versions.
+Records total seconds (``oneshot`` from call to return, fx tracing and setup included) and seconds
+per decoder layer: a forward pre-hook on each decoder layer marks its first real call, which opens
+the layer's calibration pass; a layer's time runs to the next layer's first call (the last layer's
+to the end of its last call), so each covers calibrate + solve + propagate. ``phases_seconds``
+splits the total: ``setup`` (before layer 0), ``gptq_solves`` (``GPTQModifier.compress_module_list``
+timed; compare with quantize_speed.py's ``phases_seconds.gptq_solves``), ``layer_forwards`` (the
+rest of the layers' time: calibration forwards with the Hessian hooks, propagation forwards,
+activation offloading) and ``tail`` (after the last layer). Also peak GPU memory, CPU RSS, versions.
 
 Known differences from our pipeline (read the numbers with these in mind):
   * not true-sequential: llm-compressor collects the Hessians of all of a decoder layer's Linears
@@ -254,16 +255,19 @@ def main() -> None:
         },
         "build_seconds": build_seconds,
         "total_seconds": total,
-        "setup_seconds": bounds[0] - start,
-        "tail_seconds": end - bounds[-1],
         "total_per_layer_seconds": total / args.layers,
         "first_layer_seconds": per_layer[0],
         "median_layer_seconds": sorted(per_layer)[len(per_layer) // 2],  # as quantize_speed.py
         "per_layer_seconds": per_layer,
-        "solve_seconds_total": sum(solve_seconds),
         "solve_seconds_per_layer": solve_seconds,
+        "phases_seconds": {  # keys unlike quantize_speed.py's: llm-compressor's steps differ
+            "setup": bounds[0] - start,
+            "layer_forwards": sum(per_layer) - sum(solve_seconds),
+            "gptq_solves": sum(solve_seconds),
+            "tail": end - bounds[-1],
+        },
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_cpu_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "environment": environment,
     }
     lists = ("per_layer_seconds", "solve_seconds_per_layer")
