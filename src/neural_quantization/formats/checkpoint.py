@@ -56,8 +56,7 @@ from torch import nn
 
 from neural_quantization import __version__
 from neural_quantization.config import QuantizationConfig
-from neural_quantization.models.discovery import set_submodule
-from neural_quantization.nn.qlinear import QuantLinear
+from neural_quantization.nn.qlinear import swap_in_quant_linears
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -254,25 +253,11 @@ def load_quantized(
     with safe_open(str(weights), framework="pt") as f:
         names = list(f.keys())
         state = {name: f.get_tensor(name) for name in names}
-    quantized_modules = [name[: -len(".qweight")] for name in names if name.endswith(".qweight")]
     load_bits = _bits_to_load(quant, bits, path)
-    for name in quantized_modules:
-        linear = model.get_submodule(name)
-        if load_bits != quant["bits"]:
-            _narrow_state(state, name, quant, load_bits, linear.in_features)
-        set_submodule(
-            model,
-            name,
-            QuantLinear(
-                linear.in_features,
-                linear.out_features,
-                load_bits,
-                quant["group_size"],
-                bias=f"{name}.bias" in state,
-                bias_dtype=state[f"{name}.bias"].dtype if f"{name}.bias" in state else torch.float16,
-                kernel_backend=kernel_backend,
-            ),
-        )
+    if load_bits != quant["bits"]:
+        for name in [key[: -len(".qweight")] for key in names if key.endswith(".qweight")]:
+            _narrow_state(state, name, quant, load_bits, model.get_submodule(name).in_features)
+    swap_in_quant_linears(model, state, load_bits, quant["group_size"], kernel_backend)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = _tied_parameter_names(model)
     missing = [m for m in missing if m not in tied]

@@ -32,7 +32,8 @@ from neural_quantization.config import QuantizationConfig
 from neural_quantization.core.gptq import accumulate_hessian, gptq_quantize
 from neural_quantization.core.rtn import rtn_quantize
 from neural_quantization.models.discovery import find_decoder_layers, find_linear_layers, move_all_but, set_submodule
-from neural_quantization.nn.qlinear import QuantLinear
+from neural_quantization.models.layer_storage import LayerStorage, WorkDir, materialize_layer
+from neural_quantization.nn.qlinear import QuantLinear, swap_in_quant_linears
 
 
 @dataclass
@@ -57,6 +58,10 @@ class LinearReport:
             "seconds": round(self.seconds, 4),
             "note": self.note,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LinearReport:
+        return cls(**{**data, "shape": tuple(data["shape"])})
 
 
 @dataclass
@@ -145,7 +150,7 @@ def linear_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch
         for name, module in linears.items()
     ]
     try:
-        block(hidden[:1], **_slice_batch(kwargs, hidden.shape[0]))
+        block(hidden[:1].to(_device_of(block)), **_slice_batch(kwargs, hidden.shape[0]))
     finally:
         for h in handles:
             h.remove()
@@ -211,11 +216,12 @@ def collect_hessians(
         return pre_hook
 
     handles = [linears[name].register_forward_pre_hook(hook(name)) for name in hooked]
+    device = _device_of(block)
     try:
         for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
             remaining.update(hooked)
             try:
-                block(hidden, **kwargs)
+                block(hidden.to(device), **kwargs)
             except _StopForward:
                 pass
     finally:
@@ -261,8 +267,18 @@ def quantize_linear(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
-    return [_layer_output(block(hidden, **kwargs)) for hidden, kwargs in zip(inputs.hidden, inputs.kwargs)]
+def run_block(block: nn.Module, inputs: LayerInputs, activations_device: torch.device | None = None) -> list[torch.Tensor]:
+    """The block's output for every calibration batch (kept on ``activations_device``, default: the block's)."""
+    device = _device_of(block)
+    outputs = []
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        out = _layer_output(block(hidden.to(device), **kwargs))
+        outputs.append(out if activations_device is None else out.to(activations_device))
+    return outputs
+
+
+def _device_of(block: nn.Module) -> torch.device:
+    return next(block.parameters()).device
 
 
 # A solver for one linear layer: (name, linear, Hessian or None, config) ->
@@ -280,14 +296,16 @@ def solve_linear(
     runs on through an ``nn.Linear`` holding its dequantized weight (the same numbers as the
     QuantLinear's reference path, without unpacking per batch or tuning GPU kernels mid-run)."""
     qlinear, report = quantize_linear(name, linear, hessian, config)
-    return dequantized_linear(linear, qlinear), qlinear, [report]
+    return dequantized_linear(qlinear, linear.weight.dtype), qlinear, [report]
 
 
-def dequantized_linear(linear: nn.Linear, qlinear: QuantLinear) -> nn.Linear:
-    """An ``nn.Linear`` like ``linear`` whose weight is ``qlinear``'s dequantized weight."""
-    used = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
-    used.weight = nn.Parameter(qlinear.dequantize_weight(linear.weight.dtype), requires_grad=False)
-    used.bias = linear.bias
+def dequantized_linear(qlinear: QuantLinear, dtype: torch.dtype | None = None) -> nn.Linear:
+    """An ``nn.Linear`` computing with ``qlinear``'s dequantized weight (in ``dtype``, default its bias's)."""
+    dtype = dtype or (qlinear.bias.dtype if qlinear.bias is not None else torch.float32)
+    used = nn.Linear(qlinear.in_features, qlinear.out_features, bias=False, device="meta")
+    used.weight = nn.Parameter(qlinear.dequantize_weight(dtype), requires_grad=False)
+    if qlinear.bias is not None:
+        used.bias = nn.Parameter(qlinear.bias.to(dtype), requires_grad=False)
     return used
 
 
@@ -299,62 +317,127 @@ def quantize_decoder_layers(
     device: torch.device,
     on_layer_done: Callable[[int, int], None] | None = None,
     solve: LinearSolver = solve_linear,
+    storage: LayerStorage | None = None,
 ) -> list[LinearReport]:
     """Quantize every linear layer inside the decoder blocks of ``model``, in place.
 
     input_ids: (num_samples, seq_len) calibration tokens (unused for RTN, which needs no data).
     Returns the reports of every linear layer, in the order they were quantized;
     ``on_layer_done(i, n)`` is called after each decoder layer (for progress bars). ``solve`` turns
-    one linear layer and its Hessian into its replacements (see :data:`LinearSolver`).
+    one linear layer and its Hessian into its replacements (see :data:`LinearSolver`). ``storage``
+    says where layers come from and go (streamed weights, work directory for resuming, where
+    activations wait; see ``models/layer_storage.py``); by default layers move to ``device`` in turn.
     """
     layers_name, layers = find_decoder_layers(model)
+    storage = storage or LayerStorage()
+    work_dir = storage.work_dir
+    calibrate = config.method != "rtn"
     reports: list[LinearReport] = []
 
-    if config.method == "rtn":
-        for index, block in enumerate(layers):
-            for name, linear in find_linear_layers(block).items():
-                qlinear, report = quantize_linear(f"{layers_name}.{index}.{name}", linear, None, config)
-                set_submodule(block, name, qlinear)
-                reports.append(report)
-            if on_layer_done:
-                on_layer_done(index + 1, len(layers))
-        return reports
-
-    home = {index: next(block.parameters()).device for index, block in enumerate(layers)}
     rest_home = model.get_input_embeddings().weight.device
-    move_all_but(model, layers, device)
-    batches = list(input_ids.split(config.calibration_batch_size))
-    hidden, layer_kwargs = capture_layer_inputs(model, layers, batches, device)
+    if calibrate:
+        move_all_but(model, layers, device)
+        batches = list(input_ids.split(config.calibration_batch_size))
+        hidden, layer_kwargs = capture_layer_inputs(model, layers, batches, device)
+        hidden = [h.to(storage.activations_device or device) for h in hidden]
 
     for index, block in enumerate(layers):
-        block.to(device)
-        inputs = LayerInputs(hidden=hidden, kwargs=[_to_device(k, device) for k in layer_kwargs[index]])
-        linears = find_linear_layers(block)
-        if config.true_sequential:
-            groups = linear_groups(block, linears, inputs.hidden[0], inputs.kwargs[0])
+        prefix = f"{layers_name}.{index}."
+        if work_dir is not None and work_dir.has_layer(index):
+            # Resume: the finished layer from the work directory, replayed for the next layer's inputs.
+            layer_reports = restore_layer(block, work_dir, index, prefix, config, storage, device)
+            if calibrate:
+                inputs = LayerInputs(hidden=hidden, kwargs=[_to_device(k, device) for k in layer_kwargs[index]])
+                hidden = replay_block(block, inputs, storage.activations_device)
         else:
-            groups = [list(linears)]
-        kept: dict[str, nn.Module] = {}
-        for group in groups:
-            hessians = collect_hessians(block, linears, group, inputs, shared_input=config.true_sequential)
-            for name in group:
-                used, kept[name], linear_reports = solve(
-                    f"{layers_name}.{index}.{name}", linears[name], hessians[name], config
-                )
-                set_submodule(block, name, used)
-                reports.extend(linear_reports)
-            del hessians
-        hidden = run_block(block, inputs)
-        for name, layer in kept.items():
-            set_submodule(block, name, layer)
-        block.to(home[index])
-        layer_kwargs[index] = []  # free this layer's masks and rotary tables
+            storage.load(index, prefix, block, device)
+            if calibrate:
+                inputs = LayerInputs(hidden=hidden, kwargs=[_to_device(k, device) for k in layer_kwargs[index]])
+                layer_reports, hidden = quantize_block(block, prefix, inputs, config, solve, storage.activations_device)
+            else:
+                layer_reports = []
+                for name, linear in find_linear_layers(block).items():
+                    qlinear, report = quantize_linear(prefix + name, linear, None, config)
+                    set_submodule(block, name, qlinear)
+                    layer_reports.append(report)
+            if work_dir is not None:
+                work_dir.write_layer(index, {prefix + k: v for k, v in block.state_dict().items()},
+                                     [r.to_dict() for r in layer_reports])
+        reports.extend(layer_reports)
+        storage.release(index, block)
+        if calibrate:
+            layer_kwargs[index] = []  # free this layer's masks and rotary tables
         if on_layer_done:
             on_layer_done(index + 1, len(layers))
-    if config.quantize_lm_head:
+    if calibrate and config.quantize_lm_head:
+        hidden = [h.to(device) for h in hidden]
         reports.append(quantize_lm_head(model, layers, batches, hidden, config, device))
-    move_all_but(model, layers, rest_home)
+    if calibrate:
+        move_all_but(model, layers, rest_home)
     return reports
+
+
+@torch.no_grad()
+def quantize_block(
+    block: nn.Module,
+    prefix: str,
+    inputs: LayerInputs,
+    config: QuantizationConfig,
+    solve: LinearSolver,
+    activations_device: torch.device | None,
+) -> tuple[list[LinearReport], list[torch.Tensor]]:
+    """GPTQ every linear of one decoder block (on its device); returns the reports and the block's outputs."""
+    linears = find_linear_layers(block)
+    if config.true_sequential:
+        groups = linear_groups(block, linears, inputs.hidden[0], inputs.kwargs[0])
+    else:
+        groups = [list(linears)]
+    reports: list[LinearReport] = []
+    kept: dict[str, nn.Module] = {}
+    for group in groups:
+        hessians = collect_hessians(block, linears, group, inputs, shared_input=config.true_sequential)
+        for name in group:
+            used, kept[name], linear_reports = solve(prefix + name, linears[name], hessians[name], config)
+            set_submodule(block, name, used)
+            reports.extend(linear_reports)
+        del hessians
+    outputs = run_block(block, inputs, activations_device)
+    for name, layer in kept.items():
+        set_submodule(block, name, layer)
+    return reports, outputs
+
+
+def restore_layer(
+    block: nn.Module,
+    work_dir: WorkDir,
+    index: int,
+    prefix: str,
+    config: QuantizationConfig,
+    storage: LayerStorage,
+    device: torch.device,
+) -> list[LinearReport]:
+    """Load finished layer ``index`` from the work directory into ``block`` (QuantLinear layers), on ``device``."""
+    tensors, report_dicts = work_dir.read_layer(index)
+    state = {name[len(prefix) :]: tensor for name, tensor in tensors.items()}
+    if storage.weights is None:
+        storage._home[index] = next(block.parameters()).device
+    swap_in_quant_linears(block, state, config.bits, config.group_size, config.kernel_backend)
+    materialize_layer(block, state, device, where=prefix.rstrip("."))
+    return [LinearReport.from_dict(r) for r in report_dicts]
+
+
+@torch.no_grad()
+def replay_block(block: nn.Module, inputs: LayerInputs, activations_device: torch.device | None) -> list[torch.Tensor]:
+    """The outputs of a restored block, computed as the original run computed them (dequantized weights)."""
+    quantized = {name: m for name, m in block.named_modules() if isinstance(m, QuantLinear)}
+    dtype = inputs.hidden[0].dtype  # the original run dequantized to the layer's dtype, as here
+    for name, qlinear in quantized.items():
+        set_submodule(block, name, dequantized_linear(qlinear, dtype))
+    try:
+        return run_block(block, inputs, activations_device)
+    finally:
+        for name, qlinear in quantized.items():
+            set_submodule(block, name, qlinear)
 
 
 @torch.no_grad()

@@ -191,3 +191,30 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {group}, "
             f"bias={self.bias is not None}, kernel_backend={self.kernel_backend}"
         )
+
+
+def swap_in_quant_linears(
+    root: nn.Module, state: dict[str, torch.Tensor], bits: int, group_size: int, kernel_backend: str = "auto"
+) -> list[str]:
+    """Replace each ``nn.Linear`` of ``root`` that ``state`` holds GPTQ tensors for by an empty QuantLinear.
+
+    state: tensors named relative to ``root`` (``mlp.up_proj.qweight`` …). The new layers are on the
+    ``meta`` device; ``root.load_state_dict(state, assign=True)`` then gives them the tensors.
+    Returns the names of the replaced layers.
+    """
+    from neural_quantization.models.discovery import set_submodule
+
+    names = [key[: -len(".qweight")] for key in state if key.endswith(".qweight")]
+    for name in names:
+        linear = root.get_submodule(name)
+        bias = state.get(f"{name}.bias")
+        set_submodule(
+            root,
+            name,
+            QuantLinear(
+                linear.in_features, linear.out_features, bits, group_size, bias=bias is not None,
+                bias_dtype=bias.dtype if bias is not None else torch.float16, kernel_backend=kernel_backend,
+                device="meta",
+            ),
+        )
+    return names
