@@ -7,6 +7,7 @@ class under the names users know: the pipeline discovers each architecture's lay
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -15,12 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from neural_quantization import __version__
 from neural_quantization.config import QuantizationConfig
 from neural_quantization.formats.checkpoint import (
     attach_save_pretrained,
     gptq_quantization_config,
     unique_state_items,
 )
+from neural_quantization.models.discovery import find_decoder_layers
+from neural_quantization.models.layer_storage import LayerStorage, WorkDir, tensor_fingerprint
 from neural_quantization.models.sequential import quantize_decoder_layers
 from neural_quantization.nn.qlinear import QuantLinear
 
@@ -53,6 +57,7 @@ class QuantizationResults:
     warnings: list[str] = field(default_factory=list)
     device: str = "cpu"
     stages: list[dict[str, Any]] = field(default_factory=list)  # cascade runs: one entry per stage
+    work_dir: str | None = None  # where finished layers were written (resume / streamed runs)
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -137,6 +142,10 @@ class Quantizer:
         target_languages: list[str] | None = None,
         on_layer_done: Callable[[int, int], None] | None = None,
         model_name: str | None = None,
+        work_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        stream_weights: bool = False,
+        offload_activations: bool = False,
     ) -> tuple[nn.Module, QuantizationResults]:
         """Quantize every linear layer of the decoder blocks, in place; return ``(model, results)``.
 
@@ -147,15 +156,35 @@ class Quantizer:
             token ids, or None to let the model write its own calibration text.
         tokenizer: needed when ``model`` is a module and the calibration data is text.
         target_languages: overrides ``config.target_languages`` for calibration balancing.
+        work_dir: write each finished decoder layer there as it is produced (see
+            ``models/layer_storage.py``); with ``resume=True`` an interrupted run continues from the
+            layers it holds and gives the same checkpoint as an uninterrupted run.
+        stream_weights: ``model`` must then be a name or directory of a safetensors checkpoint; the
+            decoder layers are read from disk one at a time and written to ``work_dir`` (a temporary
+            directory if not given), so host memory stays near one layer. The returned model holds
+            its decoder layers on ``meta``; ``model.save_pretrained(dir)`` assembles the checkpoint.
+        offload_activations: keep the calibration activations in host memory between layers (for
+            runs whose activations do not fit next to a layer on the GPU).
         """
         config = self.config
         if target_languages is not None:
             config = config.replace(target_languages=list(target_languages))
+        if (work_dir is not None or stream_weights) and config.cascade_stages:
+            from neural_quantization.config import ConfigError
+
+            raise ConfigError("cascade runs cannot use a work directory or streamed weights yet; drop --cascade "
+                              "or run without --work-dir/--stream-weights.")
+        if resume and work_dir is None:
+            raise ValueError("resume=True needs the work_dir of the interrupted run (--work-dir DIR).")
+        weights = None
         if isinstance(model, (str, os.PathLike)):
             from neural_quantization.models.loading import load_model
 
-            loaded = load_model(str(model))
+            loaded = load_model(str(model), stream_weights=stream_weights)
             model, tokenizer, model_name = loaded.model, tokenizer or loaded.tokenizer, model_name or loaded.source
+            weights = loaded.weights
+        elif stream_weights:
+            raise ValueError("stream_weights needs the model's name or directory, not a loaded model.")
         model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         device = resolve_device(config.device)
         model.eval()
@@ -166,13 +195,16 @@ class Quantizer:
         input_ids, calibration = self._calibration_tokens(model, tokenizer, calibration_data, config)
         reference_fp16_bytes = sum(t.numel() for _, t in unique_state_items(model)) * FP16_BYTES
         stages = []
+        storage = None
         if config.cascade_stages:
             from neural_quantization.models.cascade import run_cascade
 
             stages = run_cascade(model, input_ids, config, device, on_layer_done)
             layer_reports = stages[-1].layers
         else:
-            layer_reports = quantize_decoder_layers(model, input_ids, config, device, on_layer_done)
+            storage = self._layer_storage(model, model_name, input_ids, config, weights, work_dir, resume,
+                                          offload_activations)
+            layer_reports = quantize_decoder_layers(model, input_ids, config, device, on_layer_done, storage=storage)
         seconds = time.perf_counter() - start
 
         every_layer = [r for stage in stages for r in stage.layers] or layer_reports
@@ -182,7 +214,7 @@ class Quantizer:
             base_model=model_name,
             extra={"calibration": calibration, "quantization_seconds": round(seconds, 3)},
         )
-        attach_save_pretrained(model, tokenizer)
+        attach_save_pretrained(model, tokenizer, work_dir=storage.work_dir if weights is not None else None)
         sizes = measure_sizes(model, reference_fp16_bytes)
         results = QuantizationResults(
             model=model_name,
@@ -193,9 +225,36 @@ class Quantizer:
             warnings=warnings,
             device=str(device),
             stages=[stage.to_dict() for stage in stages],
+            work_dir=str(storage.work_dir.path) if storage is not None and storage.work_dir is not None else None,
             **sizes,
         )
         return model, results
+
+    @staticmethod
+    def _layer_storage(
+        model: nn.Module,
+        model_name: str,
+        input_ids: torch.Tensor,
+        config: QuantizationConfig,
+        weights: Any,
+        work_dir: str | os.PathLike | None,
+        resume: bool,
+        offload_activations: bool,
+    ) -> LayerStorage:
+        """Where layers come from and go for this run (see ``models/layer_storage.py``)."""
+        if weights is not None and work_dir is None:
+            work_dir = tempfile.mkdtemp(prefix="neural-quantize-work-")
+        directory = None
+        if work_dir is not None:
+            fingerprint = {
+                "model": model_name,
+                "layers": len(find_decoder_layers(model)[1]),
+                "config": {k: v for k, v in config.to_dict().items() if k != "device"},
+                "calibration_sha256": tensor_fingerprint(input_ids),
+                "neural_quantization": __version__,
+            }
+            directory = WorkDir(work_dir, fingerprint, resume=resume)
+        return LayerStorage(weights=weights, work_dir=directory, activations_device="cpu" if offload_activations else None)
 
     @staticmethod
     def _calibration_tokens(

@@ -115,15 +115,19 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float) -> tupl
 
     Returns ``(U, damp_used)`` with ``U^T U = (H + λI)^-1``.
     """
-    k = hessian.shape[0]
     mean_diag = torch.diag(hessian).mean()
-    eye = torch.eye(k, dtype=hessian.dtype, device=hessian.device)
     damp = damp_percent
     while damp <= MAX_DAMP_PERCENT:
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        # At most three (K, K) matrices alive at once (H, and two of: damped H, factor, inverse).
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper, damp
         damp *= 2

@@ -2,7 +2,9 @@
 
 A checkpoint directory holds
 
-* ``model.safetensors``: every tensor of the model's ``state_dict``. Quantized linear layers appear
+* ``model.safetensors``: every tensor of the model's ``state_dict`` (runs with streamed weights write
+  the same tensors as shards, one per decoder layer plus one for the rest, with
+  ``model.safetensors.index.json``; see :func:`save_streamed`). Quantized linear layers appear
   as ``<module>.qweight / .qzeros / .scales / .g_idx (/ .bias)`` in the layout of
   ``formats/gptq.py``; everything else (embeddings, norms, ``lm_head``) as in the original model.
   Tied weights are stored once (transformers re-ties them on load).
@@ -41,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -56,6 +59,8 @@ from torch import nn
 
 from neural_quantization import __version__
 from neural_quantization.config import QuantizationConfig
+from neural_quantization.models.discovery import find_decoder_layers
+from neural_quantization.models.layer_storage import INDEX_FILE, CheckpointWeights, WorkDir
 from neural_quantization.nn.qlinear import swap_in_quant_linears
 
 WEIGHTS_NAME = "model.safetensors"
@@ -128,6 +133,9 @@ def unique_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of the state dict, each shared (tied) tensor once, under its first name."""
     seen: set[tuple[int, int, tuple]] = set()
     for name, tensor in model.state_dict().items():
+        if tensor.is_meta:  # layers of a streamed run: no storage to compare, and never tied
+            yield name, tensor
+            continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if tensor.numel() and key in seen:
             continue
@@ -175,10 +183,12 @@ def staged_directory(target: Path) -> Iterator[Path]:
 
 
 def write_model_directory(
-    directory: Path, tensors: dict[str, torch.Tensor], config: Any, model: nn.Module, tokenizer: Any = None
+    directory: Path, tensors: dict[str, torch.Tensor] | None, config: Any, model: nn.Module, tokenizer: Any = None
 ) -> None:
-    """``model.safetensors`` + ``config.json`` (+ generation config and tokenizer) into ``directory``."""
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    """``model.safetensors`` (unless ``tensors`` is None: written by the caller) + ``config.json``
+    (+ generation config and tokenizer) into ``directory``."""
+    if tensors is not None:
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     config.save_pretrained(directory)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
@@ -190,10 +200,68 @@ def write_model_directory(
         tokenizer.save_pretrained(directory)
 
 
-def attach_save_pretrained(model: nn.Module, tokenizer: Any = None) -> nn.Module:
-    """Make ``model.save_pretrained(dir, overwrite=False)`` write our checkpoint (with the tokenizer)."""
+def save_streamed(
+    model: nn.Module, work_dir: WorkDir, output_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False
+) -> Path:
+    """Write the checkpoint of a run whose decoder layers were streamed (they are on ``meta`` in ``model``).
+
+    The finished layers in ``work_dir`` become the shards ``model-00001-of-000NN.safetensors`` …
+    (hard-linked where the file system allows, else copied), the rest of the model (embeddings,
+    final norm, ``lm_head``) the last shard, with the standard ``model.safetensors.index.json``
+    that transformers and vLLM read. Host memory stays near one layer's size.
+    """
+    target = check_output_dir(output_dir, overwrite)
+    if not getattr(model.config, "quantization_config", None):
+        raise CheckpointError("the model has no quantization_config; quantize it with neural_quantization first.")
+    layers_name, layers = find_decoder_layers(model)
+    missing = [i for i in range(len(layers)) if not work_dir.has_layer(i)]
+    if missing:
+        raise CheckpointError(
+            f"work directory {work_dir.path} lacks layers {missing[:5]}; finish the run (resume it) before saving."
+        )
+    rest = {
+        name: tensor.detach().to("cpu").contiguous()
+        for name, tensor in unique_state_items(model)
+        if not name.startswith(layers_name + ".")
+    }
+    count = len(layers) + 1
+    shard_names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    with staged_directory(target) as staging:
+        for index in range(len(layers)):
+            source, shard = work_dir.layer_file(index), staging / shard_names[index]
+            try:
+                os.link(source, shard)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(source, shard)
+            with safe_open(str(shard), framework="pt") as f:
+                for name in f.keys():
+                    weight_map[name] = shard_names[index]
+                    sliced = f.get_slice(name)
+                    total_size += math.prod(sliced.get_shape()) * _DTYPE_BYTES[sliced.get_dtype()]
+        save_file(rest, str(staging / shard_names[-1]), metadata={"format": "pt"})
+        for name, tensor in rest.items():
+            weight_map[name] = shard_names[-1]
+            total_size += tensor.numel() * tensor.element_size()
+        index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (staging / INDEX_FILE).write_text(json.dumps(index_json, indent=2) + "\n")
+        write_model_directory(staging, None, model.config, model, tokenizer)
+    return target
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def attach_save_pretrained(model: nn.Module, tokenizer: Any = None, work_dir: WorkDir | None = None) -> nn.Module:
+    """Make ``model.save_pretrained(dir, overwrite=False)`` write our checkpoint (with the tokenizer).
+
+    With ``work_dir`` (a run with streamed weights) the layers come from the work directory.
+    """
 
     def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, overwrite: bool = False, **_: Any) -> Path:
+        if work_dir is not None:
+            return save_streamed(self, work_dir, save_directory, tokenizer=tokenizer, overwrite=overwrite)
         return save_quantized(self, save_directory, tokenizer=tokenizer, overwrite=overwrite)
 
     model.save_pretrained = types.MethodType(save_pretrained, model)
@@ -237,9 +305,10 @@ def load_quantized(
 
     path = Path(checkpoint_dir)
     quant = read_quantization_config(path)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{path} has no {WEIGHTS_NAME}; the checkpoint is incomplete.")
+    try:
+        weights = CheckpointWeights(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {WEIGHTS_NAME} (or {INDEX_FILE}); the checkpoint is incomplete.") from None
 
     config = AutoConfig.from_pretrained(path)
     saved_quant = config.quantization_config
@@ -250,9 +319,8 @@ def load_quantized(
     model = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
     config.quantization_config = saved_quant
 
-    with safe_open(str(weights), framework="pt") as f:
-        names = list(f.keys())
-        state = {name: f.get_tensor(name) for name in names}
+    names = weights.names()
+    state = weights.read(names)
     load_bits = _bits_to_load(quant, bits, path)
     if load_bits != quant["bits"]:
         for name in [key[: -len(".qweight")] for key in names if key.endswith(".qweight")]:

@@ -345,6 +345,7 @@ class LoadedModel:
     tokenizer: Any
     resolved: ResolvedModel
     source: str
+    weights: Any = None  # layer_storage.CheckpointWeights when the decoder layers are streamed from disk
 
 
 _DTYPES = {
@@ -401,8 +402,13 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    stream_weights: bool = False,
 ) -> LoadedModel:
     """Load the float model and tokenizer named by ``name_or_path`` (see :func:`resolve_model`).
+
+    With ``stream_weights`` only the config, tokenizer and the weights outside the decoder layers
+    are loaded (on the CPU); the decoder layers stay on ``meta`` and are read from the safetensors
+    checkpoint layer by layer during quantization (``LoadedModel.weights``).
 
     GGUF weights (aliases, .gguf files) are dequantized by transformers into a float model;
     ``dtype`` defaults to float32 on CPU (bfloat16 on GPU), and float16/bfloat16 are accepted.
@@ -413,6 +419,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_model(name_or_path)
+    if stream_weights:
+        return _load_streamed(resolved, dtype, trust_remote_code)
     dev = _parse_device(device)
     torch_dtype = _parse_dtype(dtype, for_gguf=resolved.gguf_file is not None, device=dev)
     kwargs = resolved.pretrained_kwargs()
@@ -428,10 +436,63 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
+    return LoadedModel(model=model, tokenizer=tokenizer, resolved=resolved, source=_source_name(resolved))
+
+
+def _source_name(resolved: ResolvedModel) -> str:
+    """What a checkpoint records as its base model."""
     if resolved.kind in ("alias", "hub"):
-        source = resolved.name
-    elif resolved.gguf_file:
-        source = str(Path(resolved.path) / resolved.gguf_file)
-    else:
-        source = resolved.path
-    return LoadedModel(model=model, tokenizer=tokenizer, resolved=resolved, source=source)
+        return resolved.name
+    if resolved.gguf_file:
+        return str(Path(resolved.path) / resolved.gguf_file)
+    return resolved.path
+
+
+def _load_streamed(resolved: ResolvedModel, dtype: str | torch.dtype | None, trust_remote_code: bool) -> LoadedModel:
+    """The model with its decoder layers on ``meta`` and the rest loaded; see :func:`load_model`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from neural_quantization.models.discovery import find_decoder_layers
+    from neural_quantization.models.layer_storage import CheckpointWeights
+
+    if resolved.gguf_file:
+        raise ValueError(
+            f"{resolved.description} is a GGUF file; streaming the weights needs a safetensors checkpoint. "
+            "Quantize it without streaming (it is small enough), or convert it to safetensors first."
+        )
+    directory = resolved.path
+    if resolved.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        directory = snapshot_download(resolved.path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+    config = AutoConfig.from_pretrained(directory, **kwargs)
+    torch_dtype = _parse_dtype(dtype, for_gguf=False, device=torch.device("cpu"))
+    if torch_dtype == "auto":
+        torch_dtype = getattr(config, "dtype", None) or torch.float32
+        if isinstance(torch_dtype, str):
+            torch_dtype = getattr(torch, torch_dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)
+    weights = CheckpointWeights(directory)
+    layers_name, _ = find_decoder_layers(model)
+    rest = [name for name in weights.names() if not name.startswith(layers_name + ".")]
+    state = {name: t.to(torch_dtype) if t.is_floating_point() else t for name, t in weights.read(rest).items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_empty = [
+        name for name, p in model.named_parameters() if p.is_meta and not name.startswith(layers_name + ".")
+    ]
+    if still_empty:
+        raise ValueError(
+            f"the checkpoint in {directory} has no tensors for {still_empty[:3]} (names differ from the model's "
+            "state_dict); run without streaming, which lets transformers map the names."
+        )
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    _ensure_pad_token(tokenizer)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model=model, tokenizer=tokenizer, resolved=resolved, source=_source_name(resolved), weights=weights)
