@@ -129,3 +129,29 @@ def test_help_lists_every_option_with_defaults(capsys):
                    "--overwrite", "--eval-data", "--max-language-degradation"):
         assert option in text
     assert "(default: 128)" in text
+
+
+def test_stream_weights_run_writes_a_sharded_checkpoint_and_cleans_its_work_dir(tiny_model_dir, text_dir, tmp_path):
+    out = tmp_path / "streamed"
+    code = run_cli(
+        "--model-name", tiny_model_dir, "--output-dir", out, "--group-size", "32", "--calibration-data", text_dir,
+        "--target-languages", "en", "fr", "--num-samples", "8", "--seq-len", "32", "--stream-weights", "--quiet",
+    )
+    assert code == 0
+    assert (out / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "streamed.work").exists()  # removed once the checkpoint is complete
+    ids = torch.tensor([[2, 5, 6, 7, 8]])
+    assert torch.isfinite(load_quantized(out)(ids).logits).all()
+
+
+def test_work_dir_options_that_cannot_work_exit_2_before_loading(tiny_model_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    common = ("--model-name", tiny_model_dir, "--output-dir", out, "--calibration-data", text_dir, "--quiet")
+    assert run_cli(*common, "--resume") == 2
+    assert "holds no interrupted run" in capsys.readouterr().err
+    assert run_cli(*common, "--stream-weights", "--eval-data", text_dir) == 2
+    assert "neural-quantize eval" in capsys.readouterr().err
+    (tmp_path / "ckpt.work").mkdir()
+    (tmp_path / "ckpt.work" / "run.json").write_text("{}")
+    assert run_cli(*common) == 2
+    assert "--resume" in capsys.readouterr().err

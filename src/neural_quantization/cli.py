@@ -14,6 +14,7 @@ Exit codes: 0 success, 2 bad input (the message says how to fix it), 3 a quality
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,15 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=defaults.device, help="where each layer is solved: auto, cpu, cuda, cuda:1")
     r.add_argument("--dtype", default=None, help="model dtype for loading (float32, float16, bfloat16); default per source")
+    r.add_argument("--stream-weights", action="store_true",
+                   help="read the decoder layers from the safetensors checkpoint one at a time (host memory ~ one "
+                        "layer; for models larger than RAM); writes a sharded checkpoint")
+    r.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations in host memory between layers (when they do not fit on the GPU)")
+    r.add_argument("--work-dir", default=None,
+                   help="where finished layers are written as they are produced (default: OUTPUT_DIR.work)")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run from its --work-dir")
+    r.add_argument("--keep-work-dir", action="store_true", help="keep the work directory after the checkpoint is saved")
     r.add_argument("--calibration-batch-size", type=int, default=defaults.calibration_batch_size,
                    help="calibration windows per forward")
 
@@ -267,11 +277,13 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
     config = config_from_args(args)
     gates = QualityGates(args.max_degradation, args.max_language_degradation)
     check_output_dir(args.output_dir, args.overwrite)  # before any expensive work
+    work_dir = _work_dir(args, config)
     torch.manual_seed(config.seed)
 
-    console.print(f"Loading {args.model_name} ...")
-    loaded = load_model(args.model_name, dtype=_dtype(args.dtype))
+    console.print(f"Loading {args.model_name}{' (decoder layers stream from disk)' if args.stream_weights else ''} ...")
+    loaded = load_model(args.model_name, dtype=_dtype(args.dtype), stream_weights=args.stream_weights)
     model, tokenizer = loaded.model, loaded.tokenizer
+    _print_preflight(model, config, args, console)
 
     references, evaluation = None, None
     if args.eval_data or demo:
@@ -299,10 +311,13 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
         n_layers *= len(config.cascade_stages)  # the pipeline runs once per stage
     with layer_progress(n_layers, "Quantizing", enabled=not args.quiet) as bar:
         quantized, results = Quantizer(config).quantize_model(
-            model, calibration_data, tokenizer=tokenizer, model_name=loaded.source,
-            on_layer_done=lambda i, n: bar.advance(),
+            loaded, calibration_data, tokenizer=tokenizer, model_name=loaded.source,
+            on_layer_done=lambda i, n: bar.advance(), work_dir=work_dir, resume=args.resume,
+            stream_weights=args.stream_weights, offload_activations=args.offload_activations,
         )
     path = save_in_format(quantized, tokenizer, loaded, args, console)
+    if work_dir is not None and not args.keep_work_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is complete; nothing left to resume
 
     language_results = {}
     if references is not None:
@@ -397,6 +412,40 @@ def run_eval(args: argparse.Namespace) -> int:
         console.print("[red]A quality gate failed[/red] (exit 3; --no-fail-on-gate to ignore).")
         return EXIT_GATE_FAILED
     return 0
+
+
+def _work_dir(args: argparse.Namespace, config: QuantizationConfig) -> str | None:
+    """The run's work directory: --work-dir, else OUTPUT_DIR.work (cascade runs use none).
+
+    Fails before loading the model when the options cannot work together.
+    """
+    if args.stream_weights and (args.eval_data or getattr(args, "format", "gptq") != "gptq"):
+        raise ValueError("--stream-weights writes a --format gptq checkpoint without evaluating it (the float "
+                         "model is never in memory); evaluate it afterwards with `neural-quantize eval`.")
+    if config.cascade_stages:
+        if args.work_dir or args.resume or args.stream_weights:
+            raise ValueError("cascade runs cannot use --work-dir, --resume or --stream-weights yet.")
+        return None
+    work_dir = args.work_dir or f"{str(args.output_dir).rstrip('/')}.work"
+    if not args.resume and Path(work_dir, "run.json").is_file():
+        raise ValueError(f"{work_dir} holds an interrupted run: pass --resume to continue it, or remove the "
+                         "directory to start over.")
+    if args.resume and not Path(work_dir, "run.json").is_file():
+        raise ValueError(f"--resume: {work_dir} holds no interrupted run; pass the --work-dir of that run "
+                         "(default: OUTPUT_DIR.work), or drop --resume.")
+    return work_dir
+
+
+def _print_preflight(model: Any, config: QuantizationConfig, args: argparse.Namespace, console: Any) -> None:
+    """Print the memory and time the run will need, and whether it fits this machine."""
+    from neural_quantization.models.preflight import estimate_run, format_estimate
+    from neural_quantization.quantizer import resolve_device
+
+    estimate = estimate_run(
+        model, config, config.num_samples, config.seq_len, resolve_device(config.device),
+        stream_weights=args.stream_weights, activations_on_host=args.offload_activations,
+    )
+    console.print(format_estimate(estimate))
 
 
 def check_export_format(args: argparse.Namespace) -> None:

@@ -136,7 +136,7 @@ class Quantizer:
 
     def quantize_model(
         self,
-        model: nn.Module | str,
+        model: nn.Module | str | Any,
         calibration_data: Any = None,
         tokenizer: Any = None,
         target_languages: list[str] | None = None,
@@ -149,8 +149,9 @@ class Quantizer:
     ) -> tuple[nn.Module, QuantizationResults]:
         """Quantize every linear layer of the decoder blocks, in place; return ``(model, results)``.
 
-        model: a transformers causal LM, or a name: a built-in alias (``smollm2-135m``,
-            ``gemma3-270m``), a local directory, a ``.gguf`` file or a Hugging Face id.
+        model: a transformers causal LM, a :class:`~neural_quantization.models.loading.LoadedModel`,
+            or a name: a built-in alias (``smollm2-135m``, ``gemma3-270m``), a local directory, a
+            ``.gguf`` file or a Hugging Face id.
         calibration_data: a list of strings, a text file, a directory of ``{lang}.txt`` /
             ``{lang}.calib.txt`` files, a dict language -> texts, a (num_samples, seq_len) tensor of
             token ids, or None to let the model write its own calibration text.
@@ -176,15 +177,18 @@ class Quantizer:
                               "or run without --work-dir/--stream-weights.")
         if resume and work_dir is None:
             raise ValueError("resume=True needs the work_dir of the interrupted run (--work-dir DIR).")
-        weights = None
-        if isinstance(model, (str, os.PathLike)):
-            from neural_quantization.models.loading import load_model
+        from neural_quantization.models.loading import LoadedModel, load_model
 
-            loaded = load_model(str(model), stream_weights=stream_weights)
+        if isinstance(model, (str, os.PathLike)):
+            model = load_model(str(model), stream_weights=stream_weights)
+        weights = None
+        if isinstance(model, LoadedModel):
+            loaded = model
             model, tokenizer, model_name = loaded.model, tokenizer or loaded.tokenizer, model_name or loaded.source
             weights = loaded.weights
-        elif stream_weights:
-            raise ValueError("stream_weights needs the model's name or directory, not a loaded model.")
+        if stream_weights and weights is None:
+            raise ValueError("stream_weights needs the model's name or directory (or a LoadedModel from "
+                             "load_model(..., stream_weights=True)), not a model already in memory.")
         model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         device = resolve_device(config.device)
         model.eval()

@@ -491,8 +491,12 @@ def _load_streamed(resolved: ResolvedModel, dtype: str | torch.dtype | None, tru
             "state_dict); run without streaming, which lets transformers map the names."
         )
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    _ensure_pad_token(tokenizer)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError):  # a checkpoint without tokenizer files: calibrate with token ids
+        tokenizer = None
+    if tokenizer is not None:
+        _ensure_pad_token(tokenizer)
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, resolved=resolved, source=_source_name(resolved), weights=weights)
