@@ -36,16 +36,21 @@ PHASES = {"capture_inputs": "capture_layer_inputs", "find_groups": "linear_group
           "hessian_forwards": "collect_hessians", "next_layer_forwards": "run_block"}
 
 
+def synchronize_all() -> None:
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
+
+
 def time_pipeline_phases(seconds: dict[str, float]) -> None:
     """Wrap the pipeline's steps so each adds its synchronized wall time to ``seconds``."""
     for phase, function_name in PHASES.items():
         original = getattr(sequential, function_name)
 
         def timed(*args, _original=original, _phase=phase, **kwargs):
-            torch.cuda.synchronize()
+            synchronize_all()
             start = time.perf_counter()
             result = _original(*args, **kwargs)
-            torch.cuda.synchronize()
+            synchronize_all()
             seconds[_phase] = seconds.get(_phase, 0.0) + time.perf_counter() - start
             return result
 
@@ -59,6 +64,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward")
     parser.add_argument("--kernel-backend", default="auto")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs sharing the work (cuda:0 … cuda:N-1)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -83,9 +89,10 @@ def main() -> None:
     start = time.perf_counter()
     _, results = Quantizer(qconfig).quantize_model(
         model, ids, model_name="mistral-7b-shaped (random bf16)",
-        on_layer_done=lambda i, n: (torch.cuda.synchronize(), layer_done.append(time.perf_counter())),
+        on_layer_done=lambda i, n: (synchronize_all(), layer_done.append(time.perf_counter())),
+        devices=[f"cuda:{i}" for i in range(args.gpus)],
     )
-    torch.cuda.synchronize()
+    synchronize_all()
     total = time.perf_counter() - start
     per_layer = [b - a for a, b in zip([start, *layer_done[:-1]], layer_done)]
     solve_by_kind: dict[str, float] = {}
@@ -97,6 +104,7 @@ def main() -> None:
         "model": "Mistral-7B config, random bf16 weights",
         "layers": args.layers,
         "calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len, "batch_size": args.batch_size},
+        "gpus": args.gpus,
         "config": qconfig.to_dict(),
         "build_seconds": build_seconds,
         "total_seconds": total,
@@ -105,7 +113,7 @@ def main() -> None:
         "per_layer_seconds": per_layer,
         "solve_seconds_by_linear": solve_by_kind,
         "phases_seconds": {**phases, "gptq_solves": sum(solve_by_kind.values())},
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(0) / 2**30,
         "peak_cpu_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "environment": {
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,

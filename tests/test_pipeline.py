@@ -237,3 +237,31 @@ def test_marlin_profile_checks_layer_shapes_before_quantizing():
         Quantizer(QuantizationConfig(kernel_backend="marlin", group_size=32)).quantize_model(model, tokens())
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # untouched
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_several_devices_give_the_single_device_result():
+    """Two replicas (here both on the CPU) split the batches and average their Hessians; the
+    group's linears are solved in two threads. Only the summation order differs from one device."""
+    ids = tokens()
+    config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=2, device="cpu")
+    one, one_results = Quantizer(config).quantize_model(tiny_model("llama"), ids, model_name="tiny")
+    two, two_results = Quantizer(config).quantize_model(tiny_model("llama"), ids, model_name="tiny",
+                                                        devices=["cpu", "cpu"])
+    assert [r["name"] for r in two_results.layers] == [r["name"] for r in one_results.layers]
+    for a, b in zip(one_results.layers, two_results.layers):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+    same = [torch.equal(p, q) for p, q in zip(one.state_dict().values(), two.state_dict().values())]
+    assert sum(same) / len(same) > 0.9
+    assert torch.allclose(one(ids[:2]).logits, two(ids[:2]).logits, atol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_give_the_single_gpu_result():
+    ids = tokens()
+    config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=2, device="cuda:0")
+    one, one_results = Quantizer(config).quantize_model(tiny_model("llama"), ids, model_name="tiny")
+    two, two_results = Quantizer(config).quantize_model(tiny_model("llama"), ids, model_name="tiny",
+                                                        devices=["cuda:0", "cuda:1"])
+    for a, b in zip(one_results.layers, two_results.layers):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+    assert torch.allclose(one(ids[:2]).logits, two(ids[:2]).logits, atol=2e-3)  # both back on the CPU

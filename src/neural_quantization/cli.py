@@ -71,6 +71,9 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=defaults.device, help="where each layer is solved: auto, cpu, cuda, cuda:1")
     r.add_argument("--dtype", default=None, help="model dtype for loading (float32, float16, bfloat16); default per source")
+    r.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                   help="devices sharing the work, e.g. cuda:0 cuda:1 (default: every visible GPU for --device "
+                        "auto/cuda)")
     r.add_argument("--stream-weights", action="store_true",
                    help="read the decoder layers from the safetensors checkpoint one at a time (host memory ~ one "
                         "layer; for models larger than RAM); writes a sharded checkpoint")
@@ -313,7 +316,7 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
         quantized, results = Quantizer(config).quantize_model(
             loaded, calibration_data, tokenizer=tokenizer, model_name=loaded.source,
             on_layer_done=lambda i, n: bar.advance(), work_dir=work_dir, resume=args.resume,
-            stream_weights=args.stream_weights, offload_activations=args.offload_activations,
+            stream_weights=args.stream_weights, offload_activations=args.offload_activations, devices=args.devices,
         )
     path = save_in_format(quantized, tokenizer, loaded, args, console)
     if work_dir is not None and not args.keep_work_dir:

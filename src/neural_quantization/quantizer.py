@@ -99,6 +99,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_devices(device: torch.device, devices: list[str] | None) -> list[torch.device]:
+    """The devices a run uses: ``devices`` as given, else all visible GPUs for an unindexed "cuda"."""
+    if devices:
+        return [torch.device(d) for d in devices]
+    if device.type == "cuda" and device.index is None:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [device]
+
+
 def measure_sizes(model: nn.Module, reference_fp16_bytes: int) -> dict[str, Any]:
     """Bytes of the quantized model and of its quantized linears, against fp16."""
     quantized_bytes = sum(t.numel() * t.element_size() for _, t in unique_state_items(model))
@@ -146,6 +155,7 @@ class Quantizer:
         resume: bool = False,
         stream_weights: bool = False,
         offload_activations: bool = False,
+        devices: list[str] | None = None,
     ) -> tuple[nn.Module, QuantizationResults]:
         """Quantize every linear layer of the decoder blocks, in place; return ``(model, results)``.
 
@@ -166,6 +176,9 @@ class Quantizer:
             its decoder layers on ``meta``; ``model.save_pretrained(dir)`` assembles the checkpoint.
         offload_activations: keep the calibration activations in host memory between layers (for
             runs whose activations do not fit next to a layer on the GPU).
+        devices: devices that share the work (calibration batches split across replicas of each
+            layer, Hessians averaged, a group's linears solved in parallel). Default: every visible
+            GPU when ``config.device`` is "auto" or "cuda", else ``config.device`` alone.
         """
         config = self.config
         if target_languages is not None:
@@ -208,7 +221,10 @@ class Quantizer:
         else:
             storage = self._layer_storage(model, model_name, input_ids, config, weights, work_dir, resume,
                                           offload_activations)
-            layer_reports = quantize_decoder_layers(model, input_ids, config, device, on_layer_done, storage=storage)
+            work_devices = resolve_devices(device, devices)
+            device = work_devices[0]
+            layer_reports = quantize_decoder_layers(model, input_ids, config, device, on_layer_done, storage=storage,
+                                                    devices=work_devices)
         seconds = time.perf_counter() - start
 
         every_layer = [r for stage in stages for r in stage.layers] or layer_reports
@@ -227,7 +243,7 @@ class Quantizer:
             calibration=calibration,
             layers=[r.to_dict() for r in layer_reports],
             warnings=warnings,
-            device=str(device),
+            device=", ".join(str(d) for d in work_devices) if storage is not None else str(device),
             stages=[stage.to_dict() for stage in stages],
             work_dir=str(storage.work_dir.path) if storage is not None and storage.work_dir is not None else None,
             **sizes,

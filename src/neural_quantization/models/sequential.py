@@ -20,8 +20,12 @@ see the outputs of the already-quantized ones, each solve compensates the errors
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import itertools
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +70,18 @@ class LinearReport:
 
 @dataclass
 class LayerInputs:
-    """Calibration inputs of one decoder layer: hidden states and keyword arguments, per batch."""
+    """Calibration inputs of one decoder layer: hidden states and keyword arguments, per batch.
+
+    replica: with several devices, the index of the block replica (device) that runs each batch;
+    its keyword arguments live on that device. None: one block runs every batch.
+    """
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]] = field(default_factory=list)
+    replica: list[int] | None = None
+
+    def replica_of(self, batch: int) -> int:
+        return 0 if self.replica is None else self.replica[batch]
 
 
 class _StopForward(Exception):
@@ -189,47 +201,71 @@ def _slice_batch(kwargs: dict, batch: int) -> dict:
 
 @torch.no_grad()
 def collect_hessians(
-    block: nn.Module,
+    blocks: nn.Module | list[nn.Module],
     linears: dict[str, nn.Linear],
     group: list[str],
     inputs: LayerInputs,
     shared_input: bool,
 ) -> dict[str, torch.Tensor | None]:
-    """Run ``block`` on every calibration batch and return the Hessian of each linear in ``group``.
+    """Run the block on every calibration batch and return the Hessian of each linear in ``group``.
 
     With ``shared_input`` (true-sequential groups) one Hessian serves the whole group, and the
     forward stops as soon as the group's first linear has read its input. Otherwise every linear
-    gets its own Hessian and the forward stops after the last of them.
+    gets its own Hessian and the forward stops after the last of them. ``blocks`` may be replicas
+    of the block on several devices (``inputs.replica`` says which runs each batch): each folds its
+    batches into its own Hessian, and the token-weighted mean of those lands on the first device.
+    ``linears`` are the first replica's; the others' are found by name.
     """
+    replicas = blocks if isinstance(blocks, list) else [blocks]
     hooked = group[:1] if shared_input else group
-    state: dict[str, tuple[torch.Tensor | None, int]] = {name: (None, 0) for name in hooked}
+    state = [{name: (None, 0) for name in hooked} for _ in replicas]
     remaining: set[str] = set()
 
-    def hook(name: str) -> Callable[..., None]:
+    def hook(replica: int, name: str) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: tuple) -> None:
-            hessian, count = state[name]
-            state[name] = accumulate_hessian(hessian, count, args[0])
+            hessian, count = state[replica][name]
+            state[replica][name] = accumulate_hessian(hessian, count, args[0])
             remaining.discard(name)
             if not remaining:
                 raise _StopForward
 
         return pre_hook
 
-    handles = [linears[name].register_forward_pre_hook(hook(name)) for name in hooked]
-    device = _device_of(block)
+    handles = [
+        (linears[name] if r == 0 else block.get_submodule(name)).register_forward_pre_hook(hook(r, name))
+        for r, block in enumerate(replicas)
+        for name in hooked
+    ]
+    devices = [_device_of(block) for block in replicas]
     try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        for batch, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            r = inputs.replica_of(batch)
             remaining.update(hooked)
             try:
-                block(hidden.to(device), **kwargs)
+                replicas[r](hidden.to(devices[r]), **kwargs)
             except _StopForward:
                 pass
     finally:
         for h in handles:
             h.remove()
+    merged = {name: _mean_hessian([part[name] for part in state], devices[0]) for name in hooked}
     if shared_input:
-        return {name: state[group[0]][0] for name in group}
-    return {name: state[name][0] for name in group}
+        return {name: merged[group[0]] for name in group}
+    return merged
+
+
+def _mean_hessian(parts: list[tuple[torch.Tensor | None, int]], device: torch.device) -> torch.Tensor | None:
+    """Token-weighted mean of running-mean Hessians ``(H_d, n_d)``, on ``device``."""
+    parts = [(h, n) for h, n in parts if h is not None]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0][0].to(device)
+    total = sum(n for _, n in parts)
+    merged = torch.zeros_like(parts[0][0], device=device)
+    for hessian, count in parts:
+        merged.add_(hessian.to(device), alpha=count / total)
+    return merged
 
 
 @torch.no_grad()
@@ -253,7 +289,7 @@ def quantize_linear(
         )
     qlinear = QuantLinear.from_quantized(linear, quantized, kernel_backend=config.kernel_backend)
     if linear.weight.device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(linear.weight.device)
     report = LinearReport(
         name=name,
         shape=(linear.out_features, linear.in_features),
@@ -267,12 +303,17 @@ def quantize_linear(
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: LayerInputs, activations_device: torch.device | None = None) -> list[torch.Tensor]:
-    """The block's output for every calibration batch (kept on ``activations_device``, default: the block's)."""
-    device = _device_of(block)
+def run_block(
+    blocks: nn.Module | list[nn.Module], inputs: LayerInputs, activations_device: torch.device | None = None
+) -> list[torch.Tensor]:
+    """The block's output for every calibration batch, computed by the batch's replica and kept
+    on ``activations_device`` (default: that replica's device)."""
+    replicas = blocks if isinstance(blocks, list) else [blocks]
+    devices = [_device_of(block) for block in replicas]
     outputs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-        out = _layer_output(block(hidden.to(device), **kwargs))
+    for batch, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+        r = inputs.replica_of(batch)
+        out = _layer_output(replicas[r](hidden.to(devices[r]), **kwargs))
         outputs.append(out if activations_device is None else out.to(activations_device))
     return outputs
 
@@ -318,6 +359,7 @@ def quantize_decoder_layers(
     on_layer_done: Callable[[int, int], None] | None = None,
     solve: LinearSolver = solve_linear,
     storage: LayerStorage | None = None,
+    devices: list[torch.device] | None = None,
 ) -> list[LinearReport]:
     """Quantize every linear layer inside the decoder blocks of ``model``, in place.
 
@@ -327,10 +369,14 @@ def quantize_decoder_layers(
     one linear layer and its Hessian into its replacements (see :data:`LinearSolver`). ``storage``
     says where layers come from and go (streamed weights, work directory for resuming, where
     activations wait; see ``models/layer_storage.py``); by default layers move to ``device`` in turn.
+    ``devices``: several devices (``device`` first) share the work: the calibration batches are
+    dealt round-robin to replicas of the layer, one per device, whose Hessians are averaged, and
+    the linears of a group are solved on different devices at once.
     """
     layers_name, layers = find_decoder_layers(model)
     storage = storage or LayerStorage()
     work_dir = storage.work_dir
+    devices = list(devices or [device])
     calibrate = config.method != "rtn"
     reports: list[LinearReport] = []
 
@@ -339,21 +385,28 @@ def quantize_decoder_layers(
         move_all_but(model, layers, device)
         batches = list(input_ids.split(config.calibration_batch_size))
         hidden, layer_kwargs = capture_layer_inputs(model, layers, batches, device)
-        hidden = [h.to(storage.activations_device or device) for h in hidden]
+        replica_of_batch = [b % len(devices) for b in range(len(batches))]
+        hidden = [h.to(storage.activations_device or devices[r]) for h, r in zip(hidden, replica_of_batch)]
 
     for index, block in enumerate(layers):
         prefix = f"{layers_name}.{index}."
+        if calibrate:
+            inputs = LayerInputs(
+                hidden=hidden,
+                kwargs=[_to_device(k, devices[r]) for k, r in zip(layer_kwargs[index], replica_of_batch)],
+                replica=replica_of_batch,
+            )
         if work_dir is not None and work_dir.has_layer(index):
             # Resume: the finished layer from the work directory, replayed for the next layer's inputs.
             layer_reports = restore_layer(block, work_dir, index, prefix, config, storage, device)
             if calibrate:
-                inputs = LayerInputs(hidden=hidden, kwargs=[_to_device(k, device) for k in layer_kwargs[index]])
-                hidden = replay_block(block, inputs, storage.activations_device)
+                hidden = replay_block(block, inputs, storage.activations_device, devices)
         else:
             storage.load(index, prefix, block, device)
             if calibrate:
-                inputs = LayerInputs(hidden=hidden, kwargs=[_to_device(k, device) for k in layer_kwargs[index]])
-                layer_reports, hidden = quantize_block(block, prefix, inputs, config, solve, storage.activations_device)
+                layer_reports, hidden = quantize_block(
+                    block, prefix, inputs, config, solve, storage.activations_device, devices
+                )
             else:
                 layer_reports = []
                 for name, linear in find_linear_layers(block).items():
@@ -367,6 +420,7 @@ def quantize_decoder_layers(
         storage.release(index, block)
         if calibrate:
             layer_kwargs[index] = []  # free this layer's masks and rotary tables
+            del inputs
         if on_layer_done:
             on_layer_done(index + 1, len(layers))
     if calibrate and config.quantize_lm_head:
@@ -377,6 +431,11 @@ def quantize_decoder_layers(
     return reports
 
 
+def replicate(block: nn.Module, devices: list[torch.device]) -> list[nn.Module]:
+    """``block`` (on ``devices[0]``) and one copy of it on each further device."""
+    return [block] + [copy.deepcopy(block).to(d) for d in devices[1:]]
+
+
 @torch.no_grad()
 def quantize_block(
     block: nn.Module,
@@ -385,8 +444,16 @@ def quantize_block(
     config: QuantizationConfig,
     solve: LinearSolver,
     activations_device: torch.device | None,
+    devices: list[torch.device] | None = None,
 ) -> tuple[list[LinearReport], list[torch.Tensor]]:
-    """GPTQ every linear of one decoder block (on its device); returns the reports and the block's outputs."""
+    """GPTQ every linear of one decoder block; returns the reports and the block's outputs.
+
+    With several ``devices`` the block is replicated (see :func:`quantize_decoder_layers`); the
+    solved layers then replace the originals in every replica, and the kept ones end up in
+    ``block`` on the first device.
+    """
+    devices = devices or [_device_of(block)]
+    replicas = replicate(block, devices)
     linears = find_linear_layers(block)
     if config.true_sequential:
         groups = linear_groups(block, linears, inputs.hidden[0], inputs.kwargs[0])
@@ -395,16 +462,47 @@ def quantize_block(
     reports: list[LinearReport] = []
     kept: dict[str, nn.Module] = {}
     for group in groups:
-        hessians = collect_hessians(block, linears, group, inputs, shared_input=config.true_sequential)
-        for name in group:
-            used, kept[name], linear_reports = solve(prefix + name, linears[name], hessians[name], config)
-            set_submodule(block, name, used)
+        hessians = collect_hessians(replicas, linears, group, inputs, shared_input=config.true_sequential)
+        solved = _solve_group(prefix, group, replicas, hessians, config, solve)
+        for name, (used, kept[name], linear_reports) in zip(group, solved):
+            for replica in replicas:
+                set_submodule(replica, name, _on_device(used, _device_of(replica)))
             reports.extend(linear_reports)
         del hessians
-    outputs = run_block(block, inputs, activations_device)
+    outputs = run_block(replicas, inputs, activations_device)
     for name, layer in kept.items():
-        set_submodule(block, name, layer)
+        set_submodule(block, name, layer.to(devices[0]))
     return reports, outputs
+
+
+def _on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` itself when it is on ``device``, else a copy there."""
+    current = next(itertools.chain(module.parameters(), module.buffers())).device
+    return module if current == device else copy.deepcopy(module).to(device)
+
+
+def _solve_group(
+    prefix: str,
+    group: list[str],
+    replicas: list[nn.Module],
+    hessians: dict[str, torch.Tensor | None],
+    config: QuantizationConfig,
+    solve: LinearSolver,
+) -> list[tuple[nn.Module, nn.Module, list[LinearReport]]]:
+    """Solve the linears of one group; with several replicas (and the default solver), linear ``j``
+    on replica ``j mod n``, one thread per device. Results come back in ``group`` order."""
+
+    def solve_on(j: int, name: str) -> tuple[nn.Module, nn.Module, list[LinearReport]]:
+        replica = replicas[j % len(replicas)]
+        device = _device_of(replica)
+        hessian = hessians[name].to(device) if hessians[name] is not None else None
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return solve(prefix + name, replica.get_submodule(name), hessian, config)
+
+    if len(replicas) == 1 or len(group) == 1 or solve is not solve_linear:
+        return [solve(prefix + name, replicas[0].get_submodule(name), hessians[name], config) for name in group]
+    with ThreadPoolExecutor(max_workers=len(replicas)) as pool:
+        return list(pool.map(solve_on, range(len(group)), group))
 
 
 def restore_layer(
@@ -427,14 +525,19 @@ def restore_layer(
 
 
 @torch.no_grad()
-def replay_block(block: nn.Module, inputs: LayerInputs, activations_device: torch.device | None) -> list[torch.Tensor]:
+def replay_block(
+    block: nn.Module,
+    inputs: LayerInputs,
+    activations_device: torch.device | None,
+    devices: list[torch.device] | None = None,
+) -> list[torch.Tensor]:
     """The outputs of a restored block, computed as the original run computed them (dequantized weights)."""
     quantized = {name: m for name, m in block.named_modules() if isinstance(m, QuantLinear)}
     dtype = inputs.hidden[0].dtype  # the original run dequantized to the layer's dtype, as here
     for name, qlinear in quantized.items():
         set_submodule(block, name, dequantized_linear(qlinear, dtype))
     try:
-        return run_block(block, inputs, activations_device)
+        return run_block(replicate(block, devices or [_device_of(block)]), inputs, activations_device)
     finally:
         for name, qlinear in quantized.items():
             set_submodule(block, name, qlinear)
