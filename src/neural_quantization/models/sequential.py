@@ -501,8 +501,26 @@ def _solve_group(
 
     if len(replicas) == 1 or len(group) == 1 or solve is not solve_linear:
         return [solve(prefix + name, replicas[0].get_submodule(name), hessians[name], config) for name in group]
+    for replica in replicas:
+        _warm_up_solver(_device_of(replica), config)
     with ThreadPoolExecutor(max_workers=len(replicas)) as pool:
         return list(pool.map(solve_on, range(len(group)), group))
+
+
+_WARM_SOLVERS: set[tuple] = set()
+
+
+def _warm_up_solver(device: torch.device, config: QuantizationConfig) -> None:
+    """Run one tiny solve on ``device`` first, in this thread: torch's lazily initialised linear
+    algebra backends and Triton's per-device kernel compilation are not safe to start from two
+    threads at once."""
+    key = (str(device), config.bits, config.block_size, config.group_size, config.sym)
+    if key in _WARM_SOLVERS:
+        return
+    k = config.block_size if config.group_size == -1 else max(config.block_size, config.group_size)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        gptq_quantize(torch.randn(16, k, device=device), torch.eye(k, device=device), config)
+    _WARM_SOLVERS.add(key)
 
 
 def restore_layer(
