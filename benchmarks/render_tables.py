@@ -4,6 +4,9 @@
     python benchmarks/render_tables.py calibration benchmarks/results/calibration_languages_gemma3-270m.json
     python benchmarks/render_tables.py kernels benchmarks/results/kernels_h100.json
     python benchmarks/render_tables.py e2e benchmarks/results/e2e_h100.json
+    python benchmarks/render_tables.py speed benchmarks/results/quantize_speed_h100.json \
+        benchmarks/results/quantize_speed_llmcompressor_h100.json benchmarks/results/quantize_speed_h100x2_1gpu.json \
+        benchmarks/results/quantize_speed_h100x2_2gpu.json benchmarks/results/quantize_streamed_llama70b_h100.json
 
 Every number in those README sections comes from here, so none is typed in by hand.
 """
@@ -18,7 +21,7 @@ from typing import Any
 def _env(document: dict[str, Any]) -> str:
     env = document.get("environment", {})
     parts = [env.get("device_name") or env.get("device") or "", f"torch {env.get('torch', '?')}",
-             f"transformers {env.get('transformers', '?')}", env.get("date", "")]
+             f"transformers {env['transformers']}" if env.get("transformers") else "", env.get("date", "")[:10]]
     return ", ".join(p for p in parts if p)
 
 
@@ -116,15 +119,71 @@ def e2e(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"quality": quality, "calibration": calibration, "kernels": kernels, "e2e": e2e}
+def speed(ours: dict[str, Any], llmc: dict[str, Any], one_gpu: dict[str, Any], two_gpus: dict[str, Any],
+          streamed: dict[str, Any]) -> str:
+    """Quantization time: ours vs llm-compressor (same machine), 1 vs 2 GPUs, and the 70B-shaped streamed run."""
+    cal = ours["calibration"]
+    gib = 2**30
+    lines = [
+        f"Mistral-7B-shaped model (32 layers, random bf16 weights built on the GPU), W4 g128, {cal['num_samples']} × "
+        f"{cal['seq_len']} calibration tokens; {_env(ours)}.",
+        "",
+        "| run | total | median layer | GPTQ solves | forwards (Hessians + next inputs) | peak GPU | peak host RSS |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(name: str, d: dict[str, Any]) -> str:
+        phases = d.get("phases_seconds", {})
+        forwards = phases.get("hessian_forwards", 0) + phases.get("next_layer_forwards", 0) or phases.get(
+            "layer_forwards", 0)
+        return (f"| {name} | {d['total_seconds']:.1f} s | {d['median_layer_seconds']:.2f} s | "
+                f"{phases.get('gptq_solves', 0):.1f} s | {forwards:.1f} s | {d['peak_gpu_memory_gib']:.1f} GiB | "
+                f"{d['peak_cpu_rss_gib']:.1f} GiB |")
+
+    env = llmc["environment"]
+    lines.append(row("neural-quantization, 1 GPU", ours))
+    lines.append(row(f"llm-compressor {env.get('llmcompressor', '?')} (defaults: batch 1, activations on CPU), "
+                     "same machine", llmc))
+    lines += ["", f"neural-quantization is {llmc['total_seconds'] / ours['total_seconds']:.2f}× faster here.", "",
+              f"Two GPUs ({_env(two_gpus)}), same call, same model and tokens:", "",
+              "| run | total | median layer | GPTQ solves | forwards (Hessians + next inputs) | peak GPU | "
+              "peak host RSS |", "|---|---|---|---|---|---|---|",
+              row("1 GPU", one_gpu), row("2 GPUs", two_gpus), "",
+              f"Speed-up with 2 GPUs: {one_gpu['total_seconds'] / two_gpus['total_seconds']:.2f}× (with 2 GPUs the "
+              "solve column adds up solves that ran at the same time on different GPUs)."]
+    m, x = streamed["measured"], streamed["extrapolated_to_80_layers"]
+    lines += [
+        "",
+        f"Llama-3-70B-shaped model, {streamed['layers']} layers streamed from a sharded bf16 safetensors checkpoint "
+        f"on disk ({_env(streamed)}), same calibration and config:",
+        "",
+        "| | measured, " + f"{streamed['layers']} layers | 80 layers (per-layer cost × 80) |",
+        "|---|---|---|",
+        f"| time | {m['quantize_seconds']:.1f} s (median layer {m['median_layer_seconds']:.2f} s), save "
+        f"{m['save_seconds']:.1f} s | {x['quantize_seconds'] / 60:.1f} min |",
+        f"| peak GPU memory | {m['peak_gpu_memory_bytes'] / gib:.1f} GiB | same (one layer at a time) |",
+        f"| peak host RSS | {m['peak_host_rss_bytes'] / gib:.1f} GiB | same (embeddings + lm_head + one layer) |",
+        f"| disk: float checkpoint read | {streamed['float_checkpoint_bytes'] / gib:.1f} GiB | "
+        f"{x['float_checkpoint_bytes'] / gib:.0f} GiB |",
+        f"| disk: quantized checkpoint written | {m['output_bytes'] / gib:.1f} GiB | {x['checkpoint_bytes'] / gib:.1f} "
+        "GiB |",
+        f"| pre-flight estimate (GPU / host) | {m['estimate']['device_peak_bytes'] / gib:.1f} / "
+        f"{m['estimate']['host_peak_bytes'] / gib:.1f} GiB | |",
+    ]
+    return "\n".join(lines)
+
+
+RENDERERS = {"quality": quality, "calibration": calibration, "kernels": kernels, "e2e": e2e, "speed": speed}
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[0] not in RENDERERS:
+    if len(argv) < 2 or argv[0] not in RENDERERS:
         raise SystemExit(__doc__)
-    with open(argv[1]) as f:
-        document = json.load(f)
-    print(RENDERERS[argv[0]](document))
+    documents = []
+    for path in argv[1:]:
+        with open(path) as f:
+            documents.append(json.load(f))
+    print(RENDERERS[argv[0]](*documents))
 
 
 if __name__ == "__main__":
