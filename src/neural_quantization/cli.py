@@ -444,11 +444,19 @@ def _print_preflight(model: Any, config: QuantizationConfig, args: argparse.Name
     from neural_quantization.models.preflight import estimate_run, format_estimate
     from neural_quantization.quantizer import resolve_device
 
+    device = resolve_device(config.device)
     estimate = estimate_run(
-        model, config, config.num_samples, config.seq_len, resolve_device(config.device),
+        model, config, config.num_samples, config.seq_len, device,
         stream_weights=args.stream_weights, activations_on_host=args.offload_activations,
     )
     console.print(format_estimate(estimate))
+    if not estimate.fits and not args.offload_activations and device.type == "cuda":
+        offloaded = estimate_run(model, config, config.num_samples, config.seq_len, device,
+                                 stream_weights=args.stream_weights, activations_on_host=True)
+        if offloaded.fits:
+            args.offload_activations = True
+            console.print("The calibration activations will wait in host memory between layers "
+                          "(--offload-activations, chosen because the run does not fit the GPU otherwise).")
 
 
 def check_export_format(args: argparse.Namespace) -> None:
