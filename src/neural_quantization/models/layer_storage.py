@@ -196,6 +196,12 @@ class LayerStorage:
             self._home[index] = next(block.parameters()).device
             block.to(device)
 
+    def restore(self, index: int, block: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Put a finished layer's stored tensors (names relative to the block) into ``block`` on ``device``."""
+        if self.weights is None:
+            self._home[index] = next(block.parameters()).device
+        materialize_layer(block, state, device, where=f"layer {index}")
+
     def release(self, index: int, block: nn.Module) -> None:
         """Move a finished layer out of the compute device (back home, or to ``meta`` when streamed)."""
         block.to("meta" if self.weights is not None else self._home.pop(index, "cpu"))

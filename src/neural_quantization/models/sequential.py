@@ -16,6 +16,11 @@
 
 Only one decoder layer is on the compute device at a time. Because later groups and later layers
 see the outputs of the already-quantized ones, each solve compensates the errors made before it.
+
+Where layers come from and go (memory, or streamed from the checkpoint on disk), the work directory
+that makes a run resumable, and where activations wait between layers are ``models/layer_storage.py``.
+With several devices each layer is replicated on every device, the calibration batches are dealt
+round-robin to the replicas (their Hessians averaged), and a group's linears are solved in parallel.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from neural_quantization.config import QuantizationConfig
 from neural_quantization.core.gptq import accumulate_hessian, gptq_quantize
 from neural_quantization.core.rtn import rtn_quantize
 from neural_quantization.models.discovery import find_decoder_layers, find_linear_layers, move_all_but, set_submodule
-from neural_quantization.models.layer_storage import LayerStorage, WorkDir, materialize_layer
+from neural_quantization.models.layer_storage import LayerStorage, WorkDir
 from neural_quantization.nn.qlinear import QuantLinear, swap_in_quant_linears
 
 
@@ -535,10 +540,8 @@ def restore_layer(
     """Load finished layer ``index`` from the work directory into ``block`` (QuantLinear layers), on ``device``."""
     tensors, report_dicts = work_dir.read_layer(index)
     state = {name[len(prefix) :]: tensor for name, tensor in tensors.items()}
-    if storage.weights is None:
-        storage._home[index] = next(block.parameters()).device
     swap_in_quant_linears(block, state, config.bits, config.group_size, config.kernel_backend)
-    materialize_layer(block, state, device, where=prefix.rstrip("."))
+    storage.restore(index, block, state, device)
     return [LinearReport.from_dict(r) for r in report_dicts]
 
 
