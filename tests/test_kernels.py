@@ -295,3 +295,103 @@ def test_gptq_column_kernel_matches_torch_loop(bits, group, sym, act_order, stat
     assert same == 1.0 if not HAS_CUDA else same > 0.995
     assert torch.equal(fused.g_idx, reference.g_idx)
     assert fused.loss == pytest.approx(reference.loss, rel=1e-3)
+
+
+# ------------------------------------------------------------------------ CUDA C++ GEMV (cuda_gemv)
+def test_cuda_gemv_candidates_and_cpu_guard():
+    """The CUDA GEMV's candidate list is plain Python; without CUDA nothing is built or offered."""
+    from neural_quantization.kernels.cuda import gemv as cuda_gemv
+
+    configs = dispatch.cuda_gemv_configs(1, 4096, 4096, 4, 128)
+    assert configs and all(c.strategy == "cuda_gemv" and c.block_m == 1 for c in configs)
+    assert len({(c.num_warps, c.split_k, c.variant) for c in configs}) == len(configs)
+    for c in configs:
+        assert c.split_k == cuda_gemv.splits(4096, c.num_warps, c.num_stages)
+        assert cuda_gemv.shared_bytes(c.block_m, c.num_warps, c.num_stages, 8) <= cuda_gemv.MAX_SHARED_BYTES
+        assert c.variant in (0, 1) and (c.variant == 0 or c.num_stages > 1)
+    assert {c.block_m for c in dispatch.cuda_gemv_configs(2, 4096, 4096, 4, 128)} == {2}
+    assert dispatch.cuda_gemv_configs(3, 4096, 4096, 4, 128) == []  # M > 2
+    assert dispatch.cuda_gemv_configs(1, 4096, 4096, 8, 128) == []  # 8-bit
+    assert dispatch.cuda_gemv_configs(1, 4096, 4096, 4, 48) == []  # group not a multiple of 32
+    assert not any(c.strategy == "cuda_gemv" for c in dispatch.candidate_configs(1, 4096, 4096, 4, 132, 128))
+    if not HAS_CUDA:
+        assert not dispatch.cuda_gemv_ready("cuda") and not cuda_gemv.available()
+        assert cuda_gemv._can_build() is not None  # says why, without compiling anything
+
+
+def _cuda_gemv_or_skip():
+    from neural_quantization.kernels.cuda import gemv as cuda_gemv
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        pytest.skip("no nvcc: the CUDA GEMV cannot be built here")
+    assert cuda_gemv.available(), cuda_gemv.LOAD_ERROR
+    return cuda_gemv
+
+
+# (M, K, N, group_size, sym, act_order, dtype, warps, units_per_warp, bias, prefetch)
+CUDA_GEMV_CASES = [
+    (1, 200, 40, 32, False, False, torch.float16, 4, 1, True, 0),
+    (1, 196, 24, 128, True, True, torch.bfloat16, 2, 1, False, 0),
+    (1, 1160, 520, 64, False, True, torch.float16, 4, 2, True, 1),
+    (2, 1160, 520, 64, True, False, torch.bfloat16, 8, 1, False, 0),
+    (2, 4232, 1032, -1, False, False, torch.float16, 4, 4, True, 1),
+    (1, 4232, 1032, 32, True, True, torch.float16, 8, 2, False, 0),
+    (2, 4232, 1032, 32, False, True, torch.bfloat16, 2, 3, True, 1),
+    (1, 4096, 1024, 128, True, False, torch.bfloat16, 4, 16, True, 1),  # one block along K
+    (1, 520, 136, 128, False, False, torch.float16, 1, 1, False, 0),  # 128-column tile with a tail
+]
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CUDA_GEMV_CASES, ids=lambda c: "-".join(map(str, c[:6])) + f"-{str(c[6])[6:]}")
+def test_cuda_gemv_matches_reference(case):
+    m, k, n, group, sym, act_order, dtype, warps, upw, with_bias, prefetch = case
+    cuda_gemv = _cuda_gemv_or_skip()
+    t = random_gptq(k, n, 4, group, sym, act_order, seed=m * 13 + k + n)
+    layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, k)
+    # activations as a strided view (row stride > K) to exercise stride_xm
+    x = torch.randn(m, k + 24, device="cuda").to(dtype)[:, 5:5 + k]
+    bias = torch.randn(n, device="cuda").to(dtype) if with_bias else None
+    block_m = cuda_gemv.block_m_for(m)
+    config = LaunchConfig("cuda_gemv", block_m, 128, 64, cuda_gemv.splits(k, warps, upw), warps, upw, prefetch)
+    ref = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"],
+                                 None if bias is None else bias.double(), 4, k)
+    for _ in range(2):  # the second launch reuses the split-K counters the first reset
+        out = launch(config, x, layout.qweight, t["qzeros"], t["scales"], layout.perm, bias, 4,
+                     layout.group_size, k, layout.symmetric)
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert relative_error(out, ref) < TOLERANCE[dtype]
+        worst = float(((out.double() - ref).abs() / (ref.abs().mean() + 1e-6)).max())
+        assert worst < 30 * TOLERANCE[dtype]  # no stray element (each one was written)
+    tickets = dispatch._TICKETS.get(("cuda", x.device.index))
+    assert tickets is None or int(tickets.abs().sum()) == 0
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_cuda_gemv_deterministic_in_graph_and_tuned():
+    cuda_gemv = _cuda_gemv_or_skip()
+    k, n = 2048 + 72, 776
+    t = random_gptq(k, n, 4, 128, False, True, seed=11)
+    layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, k)
+    args = (layout.qweight, t["qzeros"], t["scales"], layout.perm, None, 4, layout.group_size, k, layout.symmetric)
+    config = LaunchConfig("cuda_gemv", 1, 128, 64, cuda_gemv.splits(k, 4, 2), 4, 2, 1)
+    x = torch.randn(1, k, device="cuda").half()
+    first = launch(config, x, *args)
+    assert torch.equal(first, launch(config, x, *args))  # fixed reduction order
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = launch(config, static_x, *args)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = quant_linear_reference(static_x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, k)
+    assert relative_error(static_out, ref) < 3e-3
+    # the tuner times the CUDA candidates with the others
+    configs = dispatch.candidate_configs(1, k, n, 4, 132, layout.group_size, cuda_kernels=True)
+    assert any(c.strategy == "cuda_gemv" for c in configs)
+    dispatch.tune(x, *args)
+    assert any(name.startswith("cuda_gemv") for name in dispatch.TUNING_LOG[-1]["timings_us"])

@@ -8,7 +8,13 @@ Strategies (one file each in this package):
   per code slot (no register reordering); ``_swap`` puts N in the instruction's M dimension;
 * ``gemv``    ``gemv_splitk.py``: CUDA-core split-K GEMV, one activation row per program;
 * ``dot``     ``dot_splitk.py``: tensor-core split-K GEMM over codes unpacked into K order;
-* ``dequant`` ``dequant_matmul.py``: dequantize to a temporary weight, then cuBLAS (large M).
+* ``dequant`` ``dequant_matmul.py``: dequantize to a temporary weight, then cuBLAS (large M);
+* ``cuda_gemv`` ``kernels/cuda/gemv_int4.cu``: a CUDA C++ split-K GEMV for M ≤ 2, 4-bit weights
+  (16-byte loads, several units in flight per lane), built on first use with torch's extension
+  loader and a candidate only where it built (``kernels/cuda/gemv.py``). Its config reads
+  ``block_m`` = rows instantiated (1, 2), ``num_warps`` = warps per block, ``num_stages`` =
+  units (8 packed rows × 128 columns) per warp, ``split_k`` = the resulting blocks along K,
+  ``variant`` = 1 where the next unit's loads are issued before the current unit is consumed.
 
 ``gemv_rows`` and ``dot_slices`` need every tile inside one quantization group; the others run any
 group length. The call path of a prepared layer is :class:`PreparedMatmul`: everything a launch
@@ -41,7 +47,7 @@ from neural_quantization.kernels.triton.gemv_splitk import gemv_splitk_kernel
 from neural_quantization.kernels.timing import time_in_graph
 
 _SLICES = ("dot_slices", "dot_slices_swap", "dot_slices_xs", "dot_slices_swap_xs")
-STRATEGIES = ("gemv_rows", *_SLICES, "gemv", "dot", "dequant")
+STRATEGIES = ("gemv_rows", *_SLICES, "gemv", "dot", "dequant", "cuda_gemv")
 #: strategies whose tiles must lie inside one quantization group
 _TILE_IN_GROUP = ("gemv_rows", *_SLICES)
 
@@ -57,10 +63,12 @@ class LaunchConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    variant: int = 0  # strategy-specific switch (cuda_gemv: 1 = prefetch the next unit)
 
     def describe(self) -> str:
+        extra = f" v{self.variant}" if self.variant else ""
         return (f"{self.strategy}[m{self.block_m} n{self.block_n} k{self.block_k} split{self.split_k} "
-                f"w{self.num_warps} s{self.num_stages}]")
+                f"w{self.num_warps} s{self.num_stages}{extra}]")
 
 
 def m_bucket(m: int) -> int:
@@ -110,6 +118,8 @@ def _half_magic(dtype: torch.dtype, bits: int) -> tuple[int, int]:
 
 def tile_fits_group(config: LaunchConfig, group_size: int, in_features: int) -> bool:
     """Whether ``config`` may run a layer with this group length (see ``_TILE_IN_GROUP``)."""
+    if config.strategy == "cuda_gemv":
+        return group_size >= in_features or group_size % 32 == 0
     if config.strategy not in _TILE_IN_GROUP:
         return True
     return group_size >= in_features or group_size % config.block_k == 0
@@ -194,6 +204,8 @@ def launch(
         return out
     if K == 0:
         return out.zero_() if bias is None else out.copy_(bias.to(out.dtype).expand_as(out))
+    if config.strategy == "cuda_gemv":
+        return _cuda_gemv_call(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, K, symmetric)
     plan = _plan(config, M, N, K, x2d.dtype, x2d.device, bits, group_size, symmetric, perm is not None,
                  bias is not None)
     partial = (torch.empty((plan.split_k, M, N), dtype=torch.float32, device=x2d.device) if plan.split_k > 1
@@ -225,6 +237,70 @@ def _dequant_matmul(config, x2d, qweight, qzeros, scales, perm, bias, bits, grou
 
 
 # ---------------------------------------------------------------------------------------------
+# the CUDA C++ GEMV (kernels/cuda): a candidate only where the extension built
+def cuda_gemv_ready(device_type: str = "cuda") -> bool:
+    """Whether the ``cuda_gemv`` strategy can run (builds the extension on the first call)."""
+    if device_type != "cuda":
+        return False
+    from neural_quantization.kernels.cuda import gemv as cuda_gemv
+
+    return cuda_gemv.available()
+
+
+def _cuda_gemv_args(config: LaunchConfig, M: int, K: int, N: int, bits: int, group_size: int,
+                    device: torch.device):
+    """(block_m, warps, units_per_warp, tickets or None) of a ``cuda_gemv`` launch."""
+    from neural_quantization.kernels.cuda import gemv as cuda_gemv
+
+    if not cuda_gemv.supports(M, K, N, bits, group_size) or M > config.block_m:
+        raise ValueError(f"{config.describe()} cannot run M={M} K={K} N={N} bits={bits} group {group_size}")
+    warps, units_per_warp = config.num_warps, config.num_stages
+    tickets = None
+    if cuda_gemv.splits(K, warps, units_per_warp) > 1:
+        tickets = _tickets(device, triton.cdiv(N, cuda_gemv.TILE_N))
+        if tickets is None:  # inside a capture without counters: one block along K
+            units_per_warp = triton.cdiv(cuda_gemv.num_units(K), warps)
+    return config.block_m, warps, units_per_warp, tickets
+
+
+def _cuda_gemv_call(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, K, symmetric):
+    from neural_quantization.kernels.cuda import gemv as cuda_gemv
+
+    block_m, warps, units_per_warp, tickets = _cuda_gemv_args(config, x2d.shape[0], K, qweight.shape[1], bits,
+                                                              group_size, x2d.device)
+    return cuda_gemv.gemv_int4(x2d, qweight, scales, qzeros, perm, bias, qweight if tickets is None else tickets,
+                               group_size, K, symmetric, block_m, warps, units_per_warp, config.variant)
+
+
+#: (warps per block, units per warp) the tuner tries for the CUDA GEMV
+_CUDA_GEMV_SHAPES = ((4, 1), (4, 2), (4, 3), (4, 4), (8, 1), (8, 2), (8, 4), (2, 2), (2, 4), (4, 8), (8, 8),
+                     (4, 16), (8, 16))
+
+
+def cuda_gemv_configs(M: int, K: int, N: int, bits: int, group_size: int) -> list[LaunchConfig]:
+    """``cuda_gemv`` candidates for this shape (empty where the kernel does not run it)."""
+    from neural_quantization.kernels.cuda import gemv as cuda_gemv
+
+    block_m = cuda_gemv.block_m_for(M)
+    if block_m is None or not cuda_gemv.supports(M, K, N, bits, group_size):
+        return []
+    gsub = cuda_gemv.group_rows(K, group_size)
+    found, seen = [], set()
+    for warps, units_per_warp in _CUDA_GEMV_SHAPES:
+        split = cuda_gemv.splits(K, warps, units_per_warp)
+        # fewest units per warp giving this split (more would only leave warps idle)
+        units_per_warp = triton.cdiv(cuda_gemv.num_units(K), warps * split)
+        if (warps, split) in seen or cuda_gemv.shared_bytes(block_m, warps, units_per_warp, gsub) > \
+                cuda_gemv.MAX_SHARED_BYTES:
+            continue
+        seen.add((warps, split))
+        for prefetch in ((0, 1) if units_per_warp > 1 else (0,)):
+            found.append(LaunchConfig("cuda_gemv", block_m, cuda_gemv.TILE_N, cuda_gemv.UNIT_K, split, warps,
+                                      units_per_warp, prefetch))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
 def _auto_split(programs: int, num_tiles: int, sm_count: int, waves: float) -> int:
     """Split-K factor that brings the grid to about ``waves`` × SMs programs (≥ 1 tile per split)."""
     return int(max(1, min(num_tiles, round(waves * sm_count / max(programs, 1)))))
@@ -241,9 +317,12 @@ def _fit_block_k(block_k: int, group_size: int) -> int:
     return block_k
 
 
-def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int, group_size: int = 1 << 30
-                      ) -> list[LaunchConfig]:
-    """The configurations tuning tries for this shape (every one computes the same function)."""
+def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int, group_size: int = 1 << 30,
+                      cuda_kernels: bool = False) -> list[LaunchConfig]:
+    """The configurations tuning tries for this shape (every one computes the same function).
+
+    ``cuda_kernels``: include the CUDA C++ GEMV (pass ``cuda_gemv_ready()``; False on the CPU).
+    """
     bucket = m_bucket(M)
     per_word = 32 // bits
     found: list[LaunchConfig] = []
@@ -282,6 +361,8 @@ def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int, group_si
         add("dot", 128, 128, 64, 8, 3, (1,))
     if bucket >= 16:  # dequantize + cuBLAS: only competitive once the product itself costs something
         found.append(LaunchConfig("dequant", bucket, 64, 128 if bits == 4 else 64))
+    if cuda_kernels:
+        found.extend(cuda_gemv_configs(M, K, N, bits, group_size))
     return found
 
 
@@ -334,7 +415,8 @@ def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features
         for _ in range(min(9, _TUNING_ROTATION_BYTES // max(layer_bytes, 1)))
     ]
     best, best_time, timings = None, float("inf"), {}
-    for config in candidate_configs(M, in_features, N, bits, sm_count, group_size):
+    cuda_kernels = bits == 4 and M <= 2 and cuda_gemv_ready(x2d.device.type)
+    for config in candidate_configs(M, in_features, N, bits, sm_count, group_size, cuda_kernels):
         launches = [
             (lambda config=config, w=w: launch(config, x2d, w[0], w[1], w[2], perm, bias, bits, group_size,
                                                in_features, symmetric))
@@ -388,15 +470,20 @@ def export_tuning(path: str) -> None:
 
 
 def import_tuning(path: str) -> int:
-    """Load choices written by :func:`export_tuning`; returns how many were loaded."""
+    """Load choices written by :func:`export_tuning`; returns how many were loaded (``cuda_gemv``
+    choices are skipped where the CUDA extension cannot be built)."""
     with open(path) as handle:
         rows = json.load(handle)
+    loaded = 0
     for row in rows:
+        if row["config"]["strategy"] == "cuda_gemv" and not cuda_gemv_ready(str(row["key"][0]).split(":")[0]):
+            continue  # tuned where the CUDA extension built; the heuristic serves here instead
         key = row["key"]
         key = (key[0], int(key[1]), int(key[2]), int(key[3]), key[4], int(key[5]), int(key[6]), bool(key[7]),
                bool(key[8]))
         _TUNED[key] = LaunchConfig(**row["config"])
-    return len(rows)
+        loaded += 1
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,11 +544,27 @@ class PreparedMatmul:
         M, N, K = x2d.shape[0], self.out_features, self.in_features
         safe = (x2d.device.type == "cuda" and not _capturing(x2d.device) and not torch.compiler.is_compiling()
                 and config.strategy != "dequant" and M > 0 and N > 0 and K > 0)
-        if safe:
+        if safe and config.strategy == "cuda_gemv":
+            fn = self._cuda_direct(config, x2d)
+        elif safe:
             fn = self._direct(config, x2d) or fn
         if not _capturing(x2d.device):
             self._launchers[key] = fn
         return fn
+
+    def _cuda_direct(self, config: LaunchConfig, x2d: torch.Tensor):
+        """The extension function with every argument but x bound (``cuda_gemv``)."""
+        from neural_quantization.kernels.cuda import gemv as cuda_gemv
+
+        module = cuda_gemv.load()
+        block_m, warps, units_per_warp, tickets = _cuda_gemv_args(
+            config, x2d.shape[0], self.in_features, self.out_features, self.bits, self.group_size, x2d.device)
+        args = (self.qweight, self.scales, self.qzeros, self.perm, self.bias,
+                self.qweight if tickets is None else tickets, self.group_size, self.in_features, self.symmetric,
+                block_m, warps, units_per_warp, config.variant)
+        function = module.gemv_int4
+        self.direct_status = "direct"
+        return lambda x2d: function(x2d, *args)
 
     def _direct(self, config: LaunchConfig, x2d: torch.Tensor):
         """A direct launcher of the compiled kernel, checked against Triton's own launch (or None).
