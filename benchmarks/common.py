@@ -8,6 +8,7 @@ variant is compared on exactly the same tokens against the same reference statis
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,11 @@ def summary_line(name: str, variant: dict[str, Any]) -> str:
         f"{name:>22}: avg Δppl {variant['avg_degradation_pct']:+.2f} %  worst {variant['worst_degradation_pct']:+.2f} %"
         f"  KL {variant['mean_kl_divergence']:.4f}  time {variant['quantization_seconds']:.1f} s"
     )
+
+
+def print_and_save(document: dict[str, Any], output: str | None, omit: tuple[str, ...] = ()) -> None:
+    """Print ``document`` without its long ``omit`` entries; write all of it as JSON to ``output`` if given."""
+    print(json.dumps({k: v for k, v in document.items() if k not in omit}, indent=1))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(document, indent=2) + "\n")

@@ -15,9 +15,9 @@ import datetime
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
+from common import print_and_save
 
 from neural_quantization import QuantizationConfig
 from neural_quantization.core.gptq import gptq_quantize
@@ -74,10 +74,7 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
-    print(json.dumps({k: v for k, v in document.items() if k != "per_linear"}, indent=1))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(document, indent=2) + "\n")
+    print_and_save(document, args.output, omit=("per_linear",))
 
 
 if __name__ == "__main__":

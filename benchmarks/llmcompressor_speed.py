@@ -68,14 +68,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.metadata
-import json
 import resource
 import tempfile
 import time
-from pathlib import Path
 from unittest.mock import patch
 
 import torch
+from common import print_and_save
 from quantize_speed import MISTRAL_7B
 from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedTokenizerFast
 
@@ -270,11 +269,7 @@ def main() -> None:
         "peak_cpu_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "environment": environment,
     }
-    lists = ("per_layer_seconds", "solve_seconds_per_layer")
-    print(json.dumps({k: v for k, v in document.items() if k not in lists}, indent=1))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(document, indent=2) + "\n")
+    print_and_save(document, args.output, omit=("per_layer_seconds", "solve_seconds_per_layer"))
 
 
 if __name__ == "__main__":

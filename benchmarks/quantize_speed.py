@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import resource
 import time
-from pathlib import Path
 
 import torch
+from common import print_and_save
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from neural_quantization import QuantizationConfig, Quantizer
@@ -120,10 +119,7 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
-    print(json.dumps({k: v for k, v in document.items() if k != "per_layer_seconds"}, indent=1))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(document, indent=2) + "\n")
+    print_and_save(document, args.output, omit=("per_layer_seconds",))
 
 
 if __name__ == "__main__":

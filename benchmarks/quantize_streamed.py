@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import print_and_save
 
 LLAMA_70B = dict(
     vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
@@ -176,11 +177,8 @@ def main() -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
     }
-    print(json.dumps({k: v for k, v in document.items() if k != "measured"}, indent=1))
     print(json.dumps({k: v for k, v in measured.items() if k not in ("estimate",)}, indent=1))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(document, indent=2) + "\n")
+    print_and_save(document, args.output, omit=("measured",))
 
 
 if __name__ == "__main__":
