@@ -96,6 +96,7 @@ class WorkDir:
         self.path = Path(path)
         self.layers = self.path / "layers"
         run_file = self.path / "run.json"
+        fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # compare as it was stored (tuples -> lists)
         if run_file.is_file():
             recorded = json.loads(run_file.read_text())
             if not resume:
