@@ -91,6 +91,7 @@ def test_options_move_memory_where_they_should(llama_70b):
 
 def test_format_says_what_to_change_when_the_host_is_too_small(llama_70b, monkeypatch):
     monkeypatch.setattr(preflight, "host_memory", lambda: (64 * GIB, 60 * GIB))
+    monkeypatch.setattr(preflight, "_device_memory", lambda model, device: (None, None))  # as without a GPU
     config = QuantizationConfig(num_samples=128, seq_len=2048)
     estimate = estimate_run(llama_70b, config, 128, 2048, torch.device("cuda"))
     assert not estimate.fits

@@ -62,20 +62,22 @@ def stop_after(layers: int):
     return on_layer_done
 
 
-def test_resumed_run_writes_the_same_checkpoint_as_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_resumed_run_writes_the_same_checkpoint_as_an_uninterrupted_one(tmp_path, device):
     reference = tiny_model()
     ids = tokens()
-    model, results = Quantizer(CONFIG).quantize_model(copy.deepcopy(reference), ids, model_name="tiny",
+    config = CONFIG.replace(device=device)
+    model, results = Quantizer(config).quantize_model(copy.deepcopy(reference), ids, model_name="tiny",
                                                       work_dir=tmp_path / "work-a")
     model.save_pretrained(tmp_path / "uninterrupted")
 
     with pytest.raises(Interrupt):
-        Quantizer(CONFIG).quantize_model(copy.deepcopy(reference), ids, model_name="tiny",
+        Quantizer(config).quantize_model(copy.deepcopy(reference), ids, model_name="tiny",
                                          work_dir=tmp_path / "work-b", on_layer_done=stop_after(2))
     assert sorted(os.listdir(tmp_path / "work-b" / "layers")) == [
         "layer-00000.json", "layer-00000.safetensors", "layer-00001.json", "layer-00001.safetensors"]
     solved = []
-    resumed, resumed_results = Quantizer(CONFIG).quantize_model(
+    resumed, resumed_results = Quantizer(config).quantize_model(
         copy.deepcopy(reference), ids, model_name="tiny", work_dir=tmp_path / "work-b", resume=True,
         on_layer_done=lambda done, total: solved.append(done),
     )
