@@ -172,7 +172,8 @@ class Quantizer:
             layers it holds and gives the same checkpoint as an uninterrupted run.
         stream_weights: ``model`` must then be a name or directory of a safetensors checkpoint; the
             decoder layers are read from disk one at a time and written to ``work_dir`` (a temporary
-            directory if not given), so host memory stays near one layer. The returned model holds
+            directory if not given: ``results.work_dir``; delete it once the checkpoint is saved),
+            so host memory stays near one layer. The returned model holds
             its decoder layers on ``meta``; ``model.save_pretrained(dir)`` assembles the checkpoint.
         offload_activations: keep the calibration activations in host memory between layers (for
             runs whose activations do not fit next to a layer on the GPU).
