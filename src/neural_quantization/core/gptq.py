@@ -18,7 +18,9 @@ rounding error over the columns not yet quantized, in the proportions the invers
 Using the upper Cholesky factor ``U`` of ``H^-1`` in place of ``H^-1`` (and re-using its rows)
 makes the sequence of updates exact and numerically stable. The updates are applied lazily: inside
 a block of ``block_size`` columns immediately, to the columns after the block once per block as
-one matrix product.
+one matrix product. The column loop inside a block is :func:`quantize_columns_torch`; on a GPU the
+same loop runs as one Triton launch per block (``kernels/triton/gptq_columns.py``), since the rows
+are independent given ``U``.
 
 Options that change the order or the grid:
 
