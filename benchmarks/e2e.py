@@ -8,7 +8,8 @@ speed depends on shapes, not values. For each precision and batch size:
 
 1. prefill a short random prompt eagerly into a ``StaticCache`` (this is also the first eager
    forward that prepares the kernel layout and tunes the kernels for the shapes it sees);
-2. run the single-token decode step a few times eagerly, then capture it in one CUDA graph;
+2. run the single-token decode step a few times eagerly (with ``--compile``: through
+   ``torch.compile``, for both precisions), then capture it in one CUDA graph;
 3. replay the graph ``--steps`` times between CUDA events: tokens/s = batch · steps / time.
 
 int4: every decoder ``nn.Linear`` (q, k, v, o, gate, up, down; embeddings and lm_head stay fp16) is
@@ -88,7 +89,8 @@ def quantize_decoder(model, config: QuantizationConfig) -> int:
 
 
 @torch.no_grad()
-def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, max_cache_len: int) -> dict:
+def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, max_cache_len: int,
+                 compile_step: bool = False) -> dict:
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -103,9 +105,13 @@ def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, m
     position = torch.full((batch, 1), prompt_len, device=device, dtype=torch.long)
     cache_position = torch.tensor([prompt_len], device=device, dtype=torch.long)
 
+    # With compile_step the decode step's other work (norms, rotary, residuals, SiLU·mul) is fused by
+    # torch.compile, for both precisions alike; the kernels of the quantized layers stay ours (custom op).
+    forward = torch.compile(model.forward, dynamic=False) if compile_step else model
+
     def step():
-        return model(input_ids=ids, position_ids=position, past_key_values=cache, use_cache=True,  # noqa: F821 (deleted only after the last call)
-                     cache_position=cache_position).logits
+        return forward(input_ids=ids, position_ids=position, past_key_values=cache, use_cache=True,  # noqa: F821 (deleted only after the last call)
+                       cache_position=cache_position).logits
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -145,6 +151,7 @@ def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, m
         "prefill_s_first_call": prefill_s,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "logits_finite": finite,
+        "compiled": compile_step,
     }
     del graph, cache, out
     gc.collect()
@@ -153,29 +160,30 @@ def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, m
 
 
 def run(layers: int = 32, batches=(1, 8), prompt_len: int = 16, steps: int = 20, repeats: int = 5,
-        max_cache_len: int = 256, output: str | None = None) -> dict:
+        max_cache_len: int = 256, output: str | None = None, compile_step: bool = False) -> dict:
     torch.manual_seed(0)
     model = build_model(layers, "cuda")
     weights_fp16 = torch.cuda.memory_allocated() / 2**30
     results = {"environment": environment(),
                "settings": {"layers": layers, "batches": list(batches), "prompt_len": prompt_len, "steps": steps,
-                            "repeats": repeats, "max_cache_len": max_cache_len,
+                            "repeats": repeats, "max_cache_len": max_cache_len, "compiled": compile_step,
                             "quantization": "RTN 4-bit, group 128, symmetric; decoder linears only"},
                "fp16": [], "int4": []}
     results["fp16_model_memory_gib"] = weights_fp16
     for batch in batches:
-        row = decode_speed(model, batch, prompt_len, steps, repeats, max_cache_len)
+        row = decode_speed(model, batch, prompt_len, steps, repeats, max_cache_len, compile_step)
         results["fp16"].append(row)
         print("fp16", row, flush=True)
     started = time.perf_counter()
     count = quantize_decoder(model, QuantizationConfig(bits=4, group_size=128, sym=True, method="rtn"))
+    torch._dynamo.reset()  # the fp16 model's compiled code must not serve the quantized one
     gc.collect()
     torch.cuda.empty_cache()
     results["quantize_seconds"] = time.perf_counter() - started
     results["quantized_linears"] = count
     results["int4_model_memory_gib"] = torch.cuda.memory_allocated() / 2**30
     for batch in batches:
-        row = decode_speed(model, batch, prompt_len, steps, repeats, max_cache_len)
+        row = decode_speed(model, batch, prompt_len, steps, repeats, max_cache_len, compile_step)
         results["int4"].append(row)
         print("int4", row, flush=True)
     results["speedup_tokens_per_s"] = {
@@ -196,10 +204,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-cache-len", type=int, default=256)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (both precisions) before capturing it in a CUDA graph")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     run(args.layers, [int(b) for b in args.batches.split(",")], args.prompt_len, args.steps, args.repeats,
-        args.max_cache_len, args.output)
+        args.max_cache_len, args.output, args.compile)
     return 0
 
 

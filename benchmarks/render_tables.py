@@ -4,6 +4,7 @@
     python benchmarks/render_tables.py calibration benchmarks/results/calibration_languages_gemma3-270m.json
     python benchmarks/render_tables.py kernels benchmarks/results/kernels_h100.json
     python benchmarks/render_tables.py e2e benchmarks/results/e2e_h100.json
+    python benchmarks/render_tables.py e2e benchmarks/results/e2e_h100_compiled.json
     python benchmarks/render_tables.py speed benchmarks/results/quantize_speed_h100.json \
         benchmarks/results/quantize_speed_llmcompressor_h100.json benchmarks/results/quantize_speed_h100x2_1gpu.json \
         benchmarks/results/quantize_speed_h100x2_2gpu.json benchmarks/results/quantize_streamed_llama70b_h100.json
@@ -105,7 +106,9 @@ def e2e(document: dict[str, Any]) -> str:
     env = document["environment"]
     lines = [
         f"{env['device']}, torch {env['torch']}, {env['date'][:10]}: Mistral-7B-shaped model with random fp16 weights, "
-        f"{document['settings']['quantization']}, static KV cache, one decode step captured in a CUDA graph.",
+        f"{document['settings']['quantization']}, static KV cache, one decode step "
+        + ("compiled with torch.compile (both precisions) and " if document["settings"].get("compiled") else "")
+        + "captured in a CUDA graph.",
         "",
         "| batch | fp16 tokens/s | int4 tokens/s | int4 / fp16 | peak memory fp16 → int4 |",
         "|---|---|---|---|---|",
