@@ -146,8 +146,10 @@ def main() -> None:
     if child.returncode:
         raise SystemExit(child.stderr[-4000:])
     measured = json.loads(child.stdout.strip().splitlines()[-1])
-    layer_params = 2 * LLAMA_70B["hidden_size"] * (LLAMA_70B["hidden_size"] + 1024) + 3 * LLAMA_70B["hidden_size"] * (
-        LLAMA_70B["intermediate_size"])
+    hidden = LLAMA_70B["hidden_size"]
+    kv_width = hidden // LLAMA_70B["num_attention_heads"] * LLAMA_70B["num_key_value_heads"]
+    # q and o (hidden x hidden), k and v (hidden x kv_width), gate/up/down (hidden x intermediate)
+    layer_params = 2 * hidden * (hidden + kv_width) + 3 * hidden * LLAMA_70B["intermediate_size"]
     full_layers = LLAMA_70B["num_hidden_layers"]
     quantized_dir = workspace / "quantized"
     layer_files = sorted(p for p in quantized_dir.glob("model-*.safetensors"))[:-1]

@@ -345,9 +345,8 @@ def solve_linear(
     return dequantized_linear(qlinear, linear.weight.dtype), qlinear, [report]
 
 
-def dequantized_linear(qlinear: QuantLinear, dtype: torch.dtype | None = None) -> nn.Linear:
-    """An ``nn.Linear`` computing with ``qlinear``'s dequantized weight (in ``dtype``, default its bias's)."""
-    dtype = dtype or (qlinear.bias.dtype if qlinear.bias is not None else torch.float32)
+def dequantized_linear(qlinear: QuantLinear, dtype: torch.dtype) -> nn.Linear:
+    """An ``nn.Linear`` computing with ``qlinear``'s dequantized weight (and bias) in ``dtype``."""
     used = nn.Linear(qlinear.in_features, qlinear.out_features, bias=False, device="meta")
     used.weight = nn.Parameter(qlinear.dequantize_weight(dtype), requires_grad=False)
     if qlinear.bias is not None:
