@@ -143,9 +143,14 @@ def unique_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor
 
 
-def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors to store: the state dict without tied copies, on the CPU, contiguous."""
-    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in unique_state_items(model)}
+def checkpoint_tensors(model: nn.Module, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors to store: the state dict without tied copies (nor names under ``skip_prefix``),
+    on the CPU, contiguous."""
+    return {
+        name: tensor.detach().to("cpu").contiguous()
+        for name, tensor in unique_state_items(model)
+        if skip_prefix is None or not name.startswith(skip_prefix)
+    }
 
 
 def save_quantized(
@@ -219,11 +224,7 @@ def save_streamed(
         raise CheckpointError(
             f"work directory {work_dir.path} lacks layers {missing[:5]}; finish the run (resume it) before saving."
         )
-    rest = {
-        name: tensor.detach().to("cpu").contiguous()
-        for name, tensor in unique_state_items(model)
-        if not name.startswith(layers_name + ".")
-    }
+    rest = checkpoint_tensors(model, skip_prefix=layers_name + ".")
     count = len(layers) + 1
     shard_names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     weight_map: dict[str, str] = {}
