@@ -316,7 +316,9 @@ def test_cuda_gemv_candidates_and_cpu_guard():
     assert not any(c.strategy == "cuda_gemv" for c in dispatch.candidate_configs(1, 4096, 4096, 4, 132, 128))
     if not HAS_CUDA:
         assert not dispatch.cuda_gemv_ready("cuda") and not cuda_gemv.available()
-        assert cuda_gemv._can_build() is not None  # says why, without compiling anything
+        from neural_quantization.kernels.cuda import extension
+
+        assert extension.can_build() is not None  # says why, without compiling anything
 
 
 def _cuda_gemv_or_skip():
@@ -325,7 +327,9 @@ def _cuda_gemv_or_skip():
 
     if cpp_extension.CUDA_HOME is None:
         pytest.skip("no nvcc: the CUDA GEMV cannot be built here")
-    assert cuda_gemv.available(), cuda_gemv.LOAD_ERROR
+    from neural_quantization.kernels.cuda import extension
+
+    assert cuda_gemv.available(), extension.LOAD_ERROR
     return cuda_gemv
 
 
@@ -395,3 +399,173 @@ def test_cuda_gemv_deterministic_in_graph_and_tuned():
     assert any(c.strategy == "cuda_gemv" for c in configs)
     dispatch.tune(x, *args)
     assert any(name.startswith("cuda_gemv") for name in dispatch.TUNING_LOG[-1]["timings_us"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the tensor-core CUDA kernel (kernels/cuda/mma_int4.cu) and its repacked layout (kernels/cuda/mma.py)
+def _emulate_mma_kernel(x, layout):
+    """What mma_int4.cu computes, lane by lane, in float64: every lane's A fragment is decoded from its
+    word with the kernel's nibble → register map and placed where PTX's m16n8k16 puts it, every
+    lane's B fragment is read from the activations at the positions the kernel loads, and the
+    instruction's product is summed. Checks the layout contract without a GPU."""
+    from neural_quantization.kernels.cuda import mma
+
+    M, K = x.shape
+    words = layout.wq.to(torch.int64) & 0xFFFFFFFF
+    scales = mma._unpair(layout.scales, layout.scale_dtype).double()
+    zeros = (mma._unpair(layout.zeros, torch.int16).double() if layout.zeros is not None
+             else torch.full_like(scales, 8.0))
+    out = torch.zeros(M, layout.tiles * mma.TILE_N, dtype=torch.float64)
+    lanes = torch.arange(32)
+    g, t = lanes // 4, lanes % 4
+    for tile in range(layout.tiles):
+        for c in range(layout.num_chunks):
+            pos = c * mma.CHUNK_K + 16 * t  # (32,) first position of each lane
+            group = torch.clamp(pos // layout.group_size, max=scales.shape[0] - 1)  # padding: last group
+            cols = tile * mma.TILE_N + torch.stack([g, g + 8])  # (2, 32): columns g and g + 8
+            s = scales[group, cols]  # (2, 32)
+            z = zeros[group, cols]
+            for step in range(4):
+                w = words[tile, c, :, step]
+                nib = lambda i: ((w >> (4 * i)) & 0xF).double()  # noqa: E731
+                # register r holds nibbles (r, r + 4); column g for r even, g + 8 for r odd
+                reg = [((nib(r) - z[r % 2]) * s[r % 2], (nib(r + 4) - z[r % 2]) * s[r % 2]) for r in range(4)]
+                A = torch.zeros(16, 16, dtype=torch.float64)  # rows: tile columns, cols: k slots
+                A[g, 2 * t], A[g, 2 * t + 1] = reg[0]
+                A[g + 8, 2 * t], A[g + 8, 2 * t + 1] = reg[1]
+                A[g, 2 * t + 8], A[g, 2 * t + 9] = reg[2]
+                A[g + 8, 2 * t + 8], A[g + 8, 2 * t + 9] = reg[3]
+                B = torch.zeros(16, 8, dtype=torch.float64)  # rows: k slots, cols: activation rows
+                for lane in range(32):
+                    if g[lane] < M:
+                        p0 = int(pos[lane]) + 4 * step
+                        vals = [float(x[g[lane], p]) if p < K else 0.0 for p in range(p0, p0 + 4)]
+                        tl_ = int(t[lane])
+                        B[2 * tl_, g[lane]], B[2 * tl_ + 1, g[lane]] = vals[0], vals[1]
+                        B[2 * tl_ + 8, g[lane]], B[2 * tl_ + 9, g[lane]] = vals[2], vals[3]
+                out[:, tile * mma.TILE_N:(tile + 1) * mma.TILE_N] += (A @ B)[:, :M].T
+    return out[:, : layout.out_features]
+
+
+@pytest.mark.parametrize("k,n,group,sym", [(208, 40, 16, False), (192, 24, 64, True), (128, 16, -1, False)])
+def test_mma_repack_is_the_kernels_contract(k, n, group, sym):
+    from neural_quantization.kernels.cuda import mma
+
+    t = random_gptq(k, n, 4, group, sym, False, seed=k + n, device="cpu")
+    layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, k)
+    packed = mma.repack(layout.qweight, t["qzeros"], t["scales"], k, layout.group_size, layout.symmetric)
+    # the shuffle keeps every code, and the scale / zero pairs every value
+    assert torch.equal(mma.codes_of(packed), unpack(t["qweight"], 4, k, dim=0))
+    assert torch.equal(mma._unpair(packed.scales, torch.float16)[:, :n], t["scales"])
+    assert (packed.zeros is None) == sym
+    x = torch.randn(3, k, dtype=torch.float64)
+    ref = quant_linear_reference(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, k)
+    assert torch.allclose(_emulate_mma_kernel(x, packed), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_mma_shapes_and_candidates():
+    from neural_quantization.kernels.cuda import mma
+
+    assert [mma.block_m_for(m) for m in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, None]
+    assert mma.group_length(128, 4096) == 128 and mma.group_length(-1, 1040) == 1088
+    assert mma.group_length(48, 4096) is None  # groups must be powers of two (or one group)
+    assert mma.supports(16, 4096, 4096, 4, 128) and not mma.supports(17, 4096, 4096, 4, 128)
+    assert not mma.supports(1, 4104, 4096, 4, 128) and not mma.supports(1, 4096, 4096, 8, 128)
+    configs = dispatch.candidate_configs(4, 4096, 4096, 4, 132, 128, cuda_mma=True)
+    mine = [c for c in configs if c.strategy == "cuda_mma"]
+    assert mine and all(c.block_m == 8 and 0 <= c.variant < len(mma.VARIANTS) for c in mine)
+    assert not any(c.strategy == "cuda_mma" for c in dispatch.candidate_configs(4, 4096, 4096, 4, 132, 128))
+    # narrow layers may split along K, wide ones never
+    assert any(c.split_k > 1 for c in dispatch.cuda_mma_configs(1, 4096, 512, 4, 128, 132))
+    assert all(c.split_k == 1 for c in dispatch.cuda_mma_configs(1, 4096, 28672, 4, 128, 132))
+    default = dispatch.default_config(1, 4096, 4096, 4, 132, 128, cuda_mma=True)
+    assert default.strategy == "cuda_mma" and default.variant == mma.DEFAULT_VARIANT
+
+
+def _cuda_mma_or_skip():
+    from torch.utils import cpp_extension
+
+    from neural_quantization.kernels.cuda import extension, mma
+
+    if cpp_extension.CUDA_HOME is None:
+        pytest.skip("no nvcc: the CUDA kernels cannot be built here")
+    if not mma.device_supported(torch.device("cuda")):
+        pytest.skip("the tensor-core kernel needs compute capability 8.0")
+    assert extension.available(), extension.LOAD_ERROR
+    return mma
+
+
+# (M, K, N, group_size, sym, act_order, dtype, warps, variant, splits, bias)
+CUDA_MMA_CASES = [
+    (1, 208, 40, 16, False, False, torch.float16, 4, 0, 1, True),
+    (3, 192, 24, 64, True, False, torch.bfloat16, 2, 1, 2, False),
+    (5, 1024, 72, 128, False, True, torch.float16, 4, 2, 4, False),
+    (8, 1040, 100, -1, True, False, torch.float16, 8, 3, 1, True),
+    (9, 4096, 520, 128, False, False, torch.bfloat16, 8, 4, 3, True),
+    (16, 512, 512, 32, False, True, torch.bfloat16, 8, 5, 2, True),
+    (16, 4096, 1032, 128, True, False, torch.float16, 8, 3, 1, False),
+    (2, 2048, 264, 256, True, True, torch.float16, 1, 2, 8, False),
+]
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CUDA_MMA_CASES, ids=lambda c: "-".join(map(str, c[:6])) + f"-{str(c[6])[6:]}")
+def test_cuda_mma_matches_reference(case):
+    m, k, n, group, sym, act_order, dtype, warps, variant, splits, with_bias = case
+    mma = _cuda_mma_or_skip()
+    t = random_gptq(k, n, 4, group, sym, act_order, seed=m * 7 + k + n)
+    layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, k)
+    assert layout.mma is not None
+    x = torch.randn(m, k + 24, device="cuda").to(dtype)[:, 8:8 + k]  # strided rows
+    bias = torch.randn(n, device="cuda").to(dtype) if with_bias else None
+    config = LaunchConfig("cuda_mma", mma.block_m_for(m), mma.TILE_N, mma.CHUNK_K, splits, warps,
+                          mma.VARIANTS[variant][0], variant)
+    ref = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"],
+                                 None if bias is None else bias.double(), 4, k)
+    outs = []
+    for pdl in ("0", "1"):
+        os.environ["NQ_PDL"] = pdl
+        try:
+            for _ in range(2):  # the second launch reuses the split-K counters the first reset
+                out = launch(config, x, layout.qweight, t["qzeros"], t["scales"], layout.perm, bias, 4,
+                             layout.group_size, k, layout.symmetric, layout.mma)
+                assert out.shape == (m, n) and out.dtype == dtype
+                assert relative_error(out, ref) < TOLERANCE[dtype]
+                worst = float(((out.double() - ref).abs() / (ref.abs().mean() + 1e-6)).max())
+                assert worst < 30 * TOLERANCE[dtype]  # no stray element
+                outs.append(out)
+        finally:
+            os.environ.pop("NQ_PDL", None)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])  # deterministic, with and without PDL
+    tickets = dispatch._TICKETS.get(("cuda", x.device.index))
+    assert tickets is None or int(tickets.abs().sum()) == 0
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_quant_linear_uses_the_tensor_core_kernel_in_graphs_and_compile():
+    _cuda_mma_or_skip()
+    k, n = 1024, 264
+    t = random_gptq(k, n, 4, 128, False, True, seed=5)
+    layer = QuantLinear(k, n, bits=4, group_size=128, bias=True).cuda()
+    layer.qweight.copy_(t["qweight"]); layer.qzeros.copy_(t["qzeros"]); layer.scales.copy_(t["scales"])
+    layer.g_idx.copy_(t["g_idx"].to(layer.g_idx.dtype)); layer.bias.copy_(torch.randn(n).half())
+    x = torch.randn(4, k, device="cuda").half()
+    ref = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"],
+                                 layer.bias.double(), 4, k)
+    eager = layer(x)  # prepares the layout and tunes M bucket 4 (the tensor-core kernel is a candidate)
+    assert layer.kernel_mma_wq is not None and layer._mma is not None
+    assert any(name.startswith("cuda_mma") for name in dispatch.TUNING_LOG[-1]["timings_us"])
+    assert relative_error(eager, ref) < TOLERANCE[torch.float16]
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer(static_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)
+    compiled = torch.compile(layer, fullgraph=True)
+    assert relative_error(compiled(x), ref) < TOLERANCE[torch.float16]
+    # the repack is not part of the checkpoint
+    assert not any(name.startswith("kernel_") for name in layer.state_dict())

@@ -14,7 +14,12 @@ Strategies (one file each in this package):
   loader and a candidate only where it built (``kernels/cuda/gemv.py``). Its config reads
   ``block_m`` = rows instantiated (1, 2), ``num_warps`` = warps per block, ``num_stages`` =
   units (8 packed rows × 128 columns) per warp, ``split_k`` = the resulting blocks along K,
-  ``variant`` = 1 where the next unit's loads are issued before the current unit is consumed.
+  ``variant`` = 1 where the next unit's loads are issued before the current unit is consumed;
+* ``cuda_mma`` ``kernels/cuda/mma_int4.cu``: the CUDA C++ tensor-core kernel for M ≤ 16, 4-bit
+  weights, on the load-time repacked layout of ``kernels/cuda/mma.py`` (a candidate where that
+  layout was passed and the extension built). Its config reads ``block_m`` = rows instantiated
+  (8, 16), ``num_warps`` = warps per block (one 16-column tile per block), ``split_k`` = blocks
+  along K, ``variant`` = index into ``mma.VARIANTS`` (chunks per batch, prefetch, …).
 
 ``gemv_rows`` and ``dot_slices`` need every tile inside one quantization group; the others run any
 group length. The call path of a prepared layer is :class:`PreparedMatmul`: everything a launch
@@ -22,7 +27,7 @@ needs is resolved once per (layer, M, dtype, alignment) and later calls only all
 and launch the compiled kernel.
 
 The choice is cached per key ``(device, M bucket, K, N, dtype, bits, group mode, symmetric,
-act-order)`` with M buckets 1, 2, 4, 8, 16, 32, 64, … (next power of two). A missing key is tuned on
+act-order, repacked layout present)`` with M buckets 1, 2, 4, 8, 16, 32, 64, … (next power of two). A missing key is tuned on
 the spot when that is safe (an eager call on CUDA, not inside a graph capture or a torch.compile
 trace, and ``NQ_KERNEL_AUTOTUNE`` not set to 0): every candidate is timed in a private CUDA graph
 of back-to-back launches and the fastest is kept. Where tuning is not safe the heuristic
@@ -47,7 +52,7 @@ from neural_quantization.kernels.triton.gemv_splitk import gemv_splitk_kernel
 from neural_quantization.kernels.timing import time_in_graph
 
 _SLICES = ("dot_slices", "dot_slices_swap", "dot_slices_xs", "dot_slices_swap_xs")
-STRATEGIES = ("gemv_rows", *_SLICES, "gemv", "dot", "dequant", "cuda_gemv")
+STRATEGIES = ("gemv_rows", *_SLICES, "gemv", "dot", "dequant", "cuda_gemv", "cuda_mma")
 #: strategies whose tiles must lie inside one quantization group
 _TILE_IN_GROUP = ("gemv_rows", *_SLICES)
 
@@ -63,7 +68,7 @@ class LaunchConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    variant: int = 0  # strategy-specific switch (cuda_gemv: 1 = prefetch the next unit)
+    variant: int = 0  # strategy-specific switch (cuda_gemv: 1 = prefetch the next unit; cuda_mma: VARIANTS index)
 
     def describe(self) -> str:
         extra = f" v{self.variant}" if self.variant else ""
@@ -120,6 +125,10 @@ def tile_fits_group(config: LaunchConfig, group_size: int, in_features: int) -> 
     """Whether ``config`` may run a layer with this group length (see ``_TILE_IN_GROUP``)."""
     if config.strategy == "cuda_gemv":
         return group_size >= in_features or group_size % 32 == 0
+    if config.strategy == "cuda_mma":
+        from neural_quantization.kernels.cuda import mma
+
+        return mma.group_length(group_size, in_features) is not None
     if config.strategy not in _TILE_IN_GROUP:
         return True
     return group_size >= in_features or group_size % config.block_k == 0
@@ -192,11 +201,17 @@ def launch(
     group_size: int,
     in_features: int,
     symmetric: bool,
+    mma=None,
 ) -> torch.Tensor:
-    """``y = x2d[:, perm] @ W^T + bias`` (M, N) in x2d's dtype, with one strategy and tiling."""
+    """``y = x2d[:, perm] @ W^T + bias`` (M, N) in x2d's dtype, with one strategy and tiling.
+
+    ``mma``: the layer's ``kernels.cuda.mma.MmaLayout`` (needed by the ``cuda_mma`` strategy only).
+    """
     M, K, N = x2d.shape[0], in_features, qweight.shape[1]
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
+    if config.strategy == "cuda_mma":
+        return _cuda_mma_call(config, x2d, mma, perm, bias)
     if config.strategy == "dequant":
         return _dequant_matmul(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, K, symmetric)
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
@@ -301,6 +316,67 @@ def cuda_gemv_configs(M: int, K: int, N: int, bits: int, group_size: int) -> lis
 
 
 # ---------------------------------------------------------------------------------------------
+# the CUDA C++ tensor-core kernel (kernels/cuda/mma_int4.cu) on the repacked layout
+def cuda_mma_ready(device: torch.device | str = "cuda") -> bool:
+    """Whether the ``cuda_mma`` strategy can run on ``device`` (builds the extension on the first call)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    from neural_quantization.kernels.cuda import extension, mma
+
+    return mma.device_supported(device) and extension.available()
+
+
+def pdl_enabled() -> bool:
+    """Launch ``cuda_mma`` as a programmatic dependent launch (sm_90+; ``NQ_PDL=0`` turns it off):
+    the kernel fetches its first codes into L2 while the kernel before it finishes."""
+    return os.environ.get("NQ_PDL", "1") not in ("0", "false", "False", "")
+
+
+def _cuda_mma_args(config: LaunchConfig, mma, device: torch.device):
+    """(tickets, splits, pdl) of a ``cuda_mma`` launch."""
+    splits = config.split_k
+    tickets = _tickets(device, mma.tiles) if splits > 1 else None
+    if tickets is None:  # one block along K (also inside a capture without counters)
+        splits = 1
+        tickets = mma.wq
+    pdl = pdl_enabled() and torch.cuda.get_device_capability(device)[0] >= 9
+    return tickets, splits, pdl
+
+
+def _cuda_mma_call(config, x2d, mma, perm, bias):
+    from neural_quantization.kernels.cuda import mma as cuda_mma
+
+    if mma is None or x2d.shape[0] > config.block_m:
+        raise ValueError(f"{config.describe()} needs the repacked layout and M <= {config.block_m}")
+    tickets, splits, pdl = _cuda_mma_args(config, mma, x2d.device)
+    return cuda_mma.mma_int4(x2d, mma, perm, bias, tickets, config.block_m, config.num_warps, config.variant, splits,
+                             pdl)
+
+
+#: the variants the tuner tries (1 never won on H100; see docs/kernels.md)
+_CUDA_MMA_TUNED_VARIANTS = (0, 2, 3, 4, 5)
+
+
+def cuda_mma_configs(M: int, K: int, N: int, bits: int, group_size: int, sm_count: int) -> list[LaunchConfig]:
+    """``cuda_mma`` candidates for this shape (empty where the kernel does not run it)."""
+    from neural_quantization.kernels.cuda import mma
+
+    block_m = mma.block_m_for(M)
+    if block_m is None or not mma.supports(M, K, N, bits, group_size):
+        return []
+    tiles, chunks = triton.cdiv(N, mma.TILE_N), triton.cdiv(K, mma.CHUNK_K)
+    splits = [1] + [s for s in (2, 4, 8) if s <= chunks and tiles * s <= 4 * sm_count]
+    found = []
+    for warps in (4, 8):
+        for variant in _CUDA_MMA_TUNED_VARIANTS:
+            for split in splits:
+                found.append(LaunchConfig("cuda_mma", block_m, mma.TILE_N, mma.CHUNK_K, split, warps,
+                                          mma.VARIANTS[variant][0], variant))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
 def _auto_split(programs: int, num_tiles: int, sm_count: int, waves: float) -> int:
     """Split-K factor that brings the grid to about ``waves`` × SMs programs (≥ 1 tile per split)."""
     return int(max(1, min(num_tiles, round(waves * sm_count / max(programs, 1)))))
@@ -318,10 +394,12 @@ def _fit_block_k(block_k: int, group_size: int) -> int:
 
 
 def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int, group_size: int = 1 << 30,
-                      cuda_kernels: bool = False) -> list[LaunchConfig]:
+                      cuda_kernels: bool = False, cuda_mma: bool = False) -> list[LaunchConfig]:
     """The configurations tuning tries for this shape (every one computes the same function).
 
-    ``cuda_kernels``: include the CUDA C++ GEMV (pass ``cuda_gemv_ready()``; False on the CPU).
+    ``cuda_kernels``: include the CUDA C++ GEMV (pass ``cuda_gemv_ready()``; False on the CPU);
+    ``cuda_mma``: include the tensor-core kernel (the layer has its repacked layout and
+    ``cuda_mma_ready()``).
     """
     bucket = m_bucket(M)
     per_word = 32 // bits
@@ -363,11 +441,27 @@ def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int, group_si
         found.append(LaunchConfig("dequant", bucket, 64, 128 if bits == 4 else 64))
     if cuda_kernels:
         found.extend(cuda_gemv_configs(M, K, N, bits, group_size))
+    if cuda_mma:
+        found.extend(cuda_mma_configs(M, K, N, bits, group_size, sm_count))
     return found
 
 
-def default_config(M: int, K: int, N: int, bits: int, sm_count: int, group_size: int = 1 << 30) -> LaunchConfig:
-    """The untuned choice (inside a capture or compile trace, or with autotuning off)."""
+def default_config(M: int, K: int, N: int, bits: int, sm_count: int, group_size: int = 1 << 30,
+                   cuda_mma: bool = False) -> LaunchConfig:
+    """The untuned choice (inside a capture or compile trace, or with autotuning off).
+
+    ``cuda_mma``: the repacked layout exists and the extension is loaded; then the tensor-core kernel
+    serves M ≤ 16 (8 warps, 4 chunks per batch, split along K only for narrow layers).
+    """
+    if cuda_mma:
+        from neural_quantization.kernels.cuda import mma
+
+        block_m = mma.block_m_for(M)
+        if block_m is not None and mma.supports(M, K, N, bits, group_size):
+            tiles, chunks = triton.cdiv(N, mma.TILE_N), triton.cdiv(K, mma.CHUNK_K)
+            split = max(1, min(8, chunks, (2 * sm_count) // max(tiles, 1)))
+            return LaunchConfig("cuda_mma", block_m, mma.TILE_N, mma.CHUNK_K, split, 8,
+                                mma.VARIANTS[mma.DEFAULT_VARIANT][0], mma.DEFAULT_VARIANT)
     bucket = m_bucket(M)
     per_word = 32 // bits
     if bucket == 1:
@@ -391,16 +485,17 @@ _TUNING_ROTATION_BYTES = 128 * 1024 * 1024
 TUNING_LOG: list[dict] = []
 
 
-def _key(x2d, K, N, bits, group_size, symmetric, has_perm):
+def _key(x2d, K, N, bits, group_size, symmetric, has_perm, has_mma=False):
     device = x2d.device
-    return (str(device), m_bucket(x2d.shape[0]), K, N, str(x2d.dtype), bits, group_size, symmetric, has_perm)
+    return (str(device), m_bucket(x2d.shape[0]), K, N, str(x2d.dtype), bits, group_size, symmetric, has_perm,
+            has_mma)
 
 
 def autotune_enabled() -> bool:
     return os.environ.get("NQ_KERNEL_AUTOTUNE", "1") not in ("0", "false", "False", "")
 
 
-def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric) -> LaunchConfig:
+def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma=None) -> LaunchConfig:
     """Time every candidate on these inputs (eagerly, CUDA only) and cache the fastest.
 
     The weights are cloned into enough copies to exceed the L2 cache and the timed graph cycles
@@ -410,16 +505,17 @@ def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features
     sm_count = _sm_count(x2d.device)
     _tickets(x2d.device, 1 << 16)
     layer_bytes = sum(t.numel() * t.element_size() for t in (qweight, qzeros, scales))
-    copies = [(qweight, qzeros, scales)] + [
-        (qweight.clone(), qzeros.clone(), scales.clone())
+    copies = [(qweight, qzeros, scales, mma)] + [
+        (qweight.clone(), qzeros.clone(), scales.clone(), None if mma is None else mma.clone())
         for _ in range(min(9, _TUNING_ROTATION_BYTES // max(layer_bytes, 1)))
     ]
     best, best_time, timings = None, float("inf"), {}
     cuda_kernels = bits == 4 and M <= 2 and cuda_gemv_ready(x2d.device.type)
-    for config in candidate_configs(M, in_features, N, bits, sm_count, group_size, cuda_kernels):
+    with_mma = mma is not None and M <= 16 and cuda_mma_ready(x2d.device)
+    for config in candidate_configs(M, in_features, N, bits, sm_count, group_size, cuda_kernels, with_mma):
         launches = [
             (lambda config=config, w=w: launch(config, x2d, w[0], w[1], w[2], perm, bias, bits, group_size,
-                                               in_features, symmetric))
+                                               in_features, symmetric, w[3]))
             for w in copies
         ]
         try:
@@ -434,32 +530,39 @@ def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features
             best, best_time = config, elapsed
     if best is None:
         best = default_config(M, in_features, N, bits, sm_count, group_size)
-    key = _key(x2d, in_features, N, bits, group_size, symmetric, perm is not None)
+    key = _key(x2d, in_features, N, bits, group_size, symmetric, perm is not None, mma is not None)
     _TUNED[key] = best
     TUNING_LOG.append({"key": list(map(str, key)), "best": best.describe(), "best_us": round(best_time, 2),
                        "timings_us": timings})
     return best
 
 
-def select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric):
+def select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma=None):
     """The cached choice for this shape, tuning it first when that is safe (see module docstring)."""
-    key = _key(x2d, in_features, qweight.shape[1], bits, group_size, symmetric, perm is not None)
+    key = _key(x2d, in_features, qweight.shape[1], bits, group_size, symmetric, perm is not None, mma is not None)
     config = _TUNED.get(key)
     if config is not None:
         return config
     device = x2d.device
     compiling = torch.compiler.is_compiling()
     if device.type == "cuda" and autotune_enabled() and not compiling and not _capturing(device):
-        return tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
-    return default_config(x2d.shape[0], in_features, qweight.shape[1], bits, _sm_count(device), group_size)
+        return tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma)
+    from neural_quantization.kernels.cuda import extension
+
+    # the heuristic may take the tensor-core kernel only where the extension is already loaded
+    # (building it inside a capture or a trace is not an option)
+    mma_loaded = mma is not None and device.type == "cuda" and extension.loaded()
+    return default_config(x2d.shape[0], in_features, qweight.shape[1], bits, _sm_count(device), group_size,
+                          mma_loaded)
 
 
 def run(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric,
-        config: LaunchConfig | None = None) -> torch.Tensor:
+        config: LaunchConfig | None = None, mma=None) -> torch.Tensor:
     """Dispatch one quantized matmul (``config`` forces a choice, for tests and benchmarks)."""
     if config is None:
-        config = select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
-    return launch(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
+        config = select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric,
+                               mma)
+    return launch(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma)
 
 
 def export_tuning(path: str) -> None:
@@ -470,17 +573,21 @@ def export_tuning(path: str) -> None:
 
 
 def import_tuning(path: str) -> int:
-    """Load choices written by :func:`export_tuning`; returns how many were loaded (``cuda_gemv``
-    choices are skipped where the CUDA extension cannot be built)."""
+    """Load choices written by :func:`export_tuning`; returns how many were loaded (``cuda_gemv`` and
+    ``cuda_mma`` choices are skipped where the CUDA extension cannot be built)."""
     with open(path) as handle:
         rows = json.load(handle)
     loaded = 0
     for row in rows:
-        if row["config"]["strategy"] == "cuda_gemv" and not cuda_gemv_ready(str(row["key"][0]).split(":")[0]):
+        strategy, device = row["config"]["strategy"], str(row["key"][0])
+        if strategy == "cuda_gemv" and not cuda_gemv_ready(device.split(":")[0]):
             continue  # tuned where the CUDA extension built; the heuristic serves here instead
+        if strategy == "cuda_mma" and not cuda_mma_ready(device):
+            continue
         key = row["key"]
-        key = (key[0], int(key[1]), int(key[2]), int(key[3]), key[4], int(key[5]), int(key[6]), bool(key[7]),
-               bool(key[8]))
+        has_mma = len(key) > 9 and key[9] in (True, "True")
+        key = (key[0], int(key[1]), int(key[2]), int(key[3]), key[4], int(key[5]), int(key[6]), key[7] in (True, "True"),
+               key[8] in (True, "True"), has_mma)
         _TUNED[key] = LaunchConfig(**row["config"])
         loaded += 1
     return loaded
@@ -508,8 +615,9 @@ class PreparedMatmul:
     kept. Safe inside CUDA graph capture once resolved; under ``torch.compile`` use the custom op.
     """
 
-    def __init__(self, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric):
+    def __init__(self, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma=None):
         self.qweight, self.qzeros, self.scales, self.perm, self.bias = qweight, qzeros, scales, perm, bias
+        self.mma = mma  # kernels.cuda.mma.MmaLayout of this layer, or None
         self.bits, self.group_size, self.in_features, self.symmetric = bits, group_size, in_features, symmetric
         self.out_features = qweight.shape[1]
         self.device = qweight.device
@@ -531,11 +639,11 @@ class PreparedMatmul:
 
     def config_for(self, x2d: torch.Tensor) -> LaunchConfig:
         return select_config(x2d, self.qweight, self.qzeros, self.scales, self.perm, self.bias, self.bits,
-                             self.group_size, self.in_features, self.symmetric)
+                             self.group_size, self.in_features, self.symmetric, self.mma)
 
     def _generic(self, config):
         args = (self.qweight, self.qzeros, self.scales, self.perm, self.bias, self.bits, self.group_size,
-                self.in_features, self.symmetric)
+                self.in_features, self.symmetric, self.mma)
         return lambda x2d: launch(config, x2d, *args)
 
     def _resolve(self, x2d: torch.Tensor, key: tuple):
@@ -546,6 +654,8 @@ class PreparedMatmul:
                 and config.strategy != "dequant" and M > 0 and N > 0 and K > 0)
         if safe and config.strategy == "cuda_gemv":
             fn = self._cuda_direct(config, x2d)
+        elif safe and config.strategy == "cuda_mma":
+            fn = self._cuda_mma_direct(config, x2d)
         elif safe:
             fn = self._direct(config, x2d) or fn
         if not _capturing(x2d.device):
@@ -563,6 +673,20 @@ class PreparedMatmul:
                 self.qweight if tickets is None else tickets, self.group_size, self.in_features, self.symmetric,
                 block_m, warps, units_per_warp, config.variant)
         function = module.gemv_int4
+        self.direct_status = "direct"
+        return lambda x2d: function(x2d, *args)
+
+    def _cuda_mma_direct(self, config: LaunchConfig, x2d: torch.Tensor):
+        """The extension function with every argument but x bound (``cuda_mma``)."""
+        from neural_quantization.kernels.cuda import extension
+
+        module = extension.load()
+        mma = self.mma
+        tickets, splits, pdl = _cuda_mma_args(config, mma, x2d.device)
+        args = (mma.wq, mma.scales, mma.zeros, self.perm, self.bias, tickets, mma.group_size, mma.in_features,
+                mma.out_features, config.block_m, config.num_warps, config.variant, splits, pdl,
+                mma.scale_dtype == torch.bfloat16)
+        function = module.mma_int4
         self.direct_status = "direct"
         return lambda x2d: function(x2d, *args)
 
