@@ -97,6 +97,9 @@ def kernels(document: dict[str, Any]) -> str:
         "| sum of 4 shapes, ours µs | " + " | ".join(f"{r['ours_graph_us']:.1f}" for r in summary) + " |",
         "| speed-up, sum of shapes | " + " | ".join(f"{r['sum_ratio_graph']:.2f}×" for r in summary) + " |",
         "| speed-up, slowest shape | " + " | ".join(f"{r['min_shape_ratio_graph']:.2f}×" for r in summary) + " |",
+        "| speed-up without PDL (sum; slowest shape) | " + " | ".join(
+            f"{r.get('sum_ratio_graph_nopdl', r['sum_ratio_graph']):.2f}×; "
+            f"{r.get('min_shape_ratio_graph_nopdl', r['min_shape_ratio_graph']):.2f}×" for r in summary) + " |",
         "| speed-up without graphs (eager) | " + " | ".join(f"{r['sum_ratio_eager']:.2f}×" for r in summary) + " |",
     ]
     return "\n".join(lines)

@@ -4,8 +4,9 @@
         python -m neural_quantization.kernels.profile --shape 4096x28672 --m 1 \\
         --config gemv_rows,1,512,64,8,4,1
 
-``--config strategy,block_m,block_n,block_k,split_k,num_warps,num_stages``; without it the
-untuned default configuration is launched. Prints the time per call (CUDA events, no graph).
+``--config strategy,block_m,block_n,block_k,split_k,num_warps,num_stages[,variant]`` (the fields
+of ``dispatch.LaunchConfig``, e.g. ``cuda_mma,8,16,64,1,8,4,5``); without it the untuned default
+configuration is launched. Prints the time per call (CUDA events, no graph).
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ def main(argv=None) -> int:
         f = args.config.split(",")
         config = dispatch.LaunchConfig(f[0], *map(int, f[1:]))
     else:
-        config = dispatch.default_config(args.m, k, n, 4, dispatch._sm_count(x.device), layout.group_size)
+        config = dispatch.default_config(args.m, k, n, 4, dispatch._sm_count(x.device), layout.group_size,
+                                         layout.mma is not None)
     dispatch.reserve_tickets(x.device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for i in range(args.calls):
         if i == args.calls - 1:
             start.record()
         dispatch.launch(config, x, layout.qweight, t["qzeros"], t["scales"], None, None, 4, layout.group_size, k,
-                        layout.symmetric)
+                        layout.symmetric, layout.mma)
     end.record()
     end.synchronize()
     print(f"{config.describe()} {args.shape} M={args.m}: {start.elapsed_time(end) * 1000:.1f} us (last call)")
