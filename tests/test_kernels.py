@@ -427,9 +427,9 @@ def _emulate_mma_kernel(x, layout):
             z = zeros[group, cols]
             for step in range(4):
                 w = words[tile, c, :, step]
-                nib = lambda i: ((w >> (4 * i)) & 0xF).double()  # noqa: E731
+                nibbles = [((w >> (4 * i)) & 0xF).double() for i in range(8)]
                 # register r holds nibbles (r, r + 4); column g for r even, g + 8 for r odd
-                reg = [((nib(r) - z[r % 2]) * s[r % 2], (nib(r + 4) - z[r % 2]) * s[r % 2]) for r in range(4)]
+                reg = [((nibbles[r] - z[r % 2]) * s[r % 2], (nibbles[r + 4] - z[r % 2]) * s[r % 2]) for r in range(4)]
                 A = torch.zeros(16, 16, dtype=torch.float64)  # rows: tile columns, cols: k slots
                 A[g, 2 * t], A[g, 2 * t + 1] = reg[0]
                 A[g + 8, 2 * t], A[g + 8, 2 * t + 1] = reg[1]
@@ -549,8 +549,9 @@ def test_quant_linear_uses_the_tensor_core_kernel_in_graphs_and_compile():
     k, n = 1024, 264
     t = random_gptq(k, n, 4, 128, False, True, seed=5)
     layer = QuantLinear(k, n, bits=4, group_size=128, bias=True).cuda()
-    layer.qweight.copy_(t["qweight"]); layer.qzeros.copy_(t["qzeros"]); layer.scales.copy_(t["scales"])
-    layer.g_idx.copy_(t["g_idx"].to(layer.g_idx.dtype)); layer.bias.copy_(torch.randn(n).half())
+    for name in ("qweight", "qzeros", "scales", "g_idx"):
+        getattr(layer, name).copy_(t[name].to(getattr(layer, name).dtype))
+    layer.bias.copy_(torch.randn(n).half())
     x = torch.randn(4, k, device="cuda").half()
     ref = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"],
                                  layer.bias.double(), 4, k)

@@ -129,6 +129,12 @@ def _tinygemm_layer(in_features: int, out_features: int, group_size: int, device
         return None
 
 
+def _plans(layers: list[dict], layouts: list, bits: int, in_features: int) -> list:
+    """The call path QuantLinear uses outside torch.compile (``kernels.ops.prepared_plan``), per copy."""
+    return [ops.prepared_plan(lay.qweight, t["qzeros"], t["scales"], lay.perm, None, bits, lay.group_size,
+                              in_features, lay.symmetric, lay.mma) for t, lay in zip(layers, layouts)]
+
+
 def run_kernel_benchmark(
     shapes: dict[str, tuple[int, int]] | None = None,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
@@ -162,12 +168,7 @@ def run_kernel_benchmark(
                   for _ in range(n_q)]
         layouts = [ops.prepare(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, in_features)
                    for t in layers]
-        # the call path QuantLinear uses outside torch.compile (kernels.ops.prepared_plan)
-        def make_plans():
-            return [ops.prepared_plan(lay.qweight, t["qzeros"], t["scales"], lay.perm, None, bits, lay.group_size,
-                                      in_features, lay.symmetric, lay.mma) for t, lay in zip(layers, layouts)]
-
-        plans = make_plans()
+        plans = _plans(layers, layouts, bits, in_features)
         n_dense = _copies(2 * in_features * out_features, graph_calls)
         tiny = None
         if tinygemm and bits == 4 and group_size > 0:
@@ -221,7 +222,7 @@ def run_kernel_benchmark(
                     previous = os.environ.get("NQ_PDL")
                     os.environ["NQ_PDL"] = "0"
                     try:
-                        nopdl = make_plans()
+                        nopdl = _plans(layers, layouts, bits, in_features)
                         for plan in nopdl:
                             plan(x)
                         row["ours_nopdl_graph_us"] = time_graph([lambda p=p, x=x: p(x) for p in nopdl], graph_calls,
