@@ -42,6 +42,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common.cuh"
+
 #include <cstdint>
 #include <optional>
 
@@ -95,11 +97,6 @@ __device__ __forceinline__ float bits16_to_float(uint32_t bits, int is_bf16) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
 }
 
-__device__ __forceinline__ float load_bias(const void* bias, int kind, int n) {
-  if (kind == 0) return __half2float(static_cast<const __half*>(bias)[n]);
-  if (kind == 1) return __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[n]);
-  return static_cast<const float*>(bias)[n];
-}
 
 // Raw data of one unit for one lane: 8 rows x 4 columns of words, and the scales / zero nibbles
 // of each group run (GSUB rows each) of the unit.
@@ -334,7 +331,7 @@ __global__ void __launch_bounds__(256) gemv_int4_kernel(const Params p) {
       if (m < p.M && n < p.N) {
         float v = 0.f;
         for (int w = 0; w < warps; ++w) v += red[(w * MB + m) * kTileN + c];
-        if (p.bias != nullptr) v += load_bias(p.bias, p.bias_kind, n);
+        if (p.bias != nullptr) v += nq_cuda::load_bias(p.bias, p.bias_kind, n);
         Act<T>::store(p.out, static_cast<int64_t>(m) * p.stride_om + n, v);
       }
     }
@@ -370,7 +367,7 @@ __global__ void __launch_bounds__(256) gemv_int4_kernel(const Params p) {
       const int64_t step = static_cast<int64_t>(p.M) * p.N;
 #pragma unroll 4
       for (int s = 0; s < splits; ++s) v += __ldcg(src + s * step);
-      if (p.bias != nullptr) v += load_bias(p.bias, p.bias_kind, n);
+      if (p.bias != nullptr) v += nq_cuda::load_bias(p.bias, p.bias_kind, n);
       Act<T>::store(p.out, static_cast<int64_t>(m) * p.stride_om + n, v);
     }
   }
@@ -454,15 +451,7 @@ at::Tensor gemv_int4(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Te
   if (perm.has_value()) {
     TORCH_CHECK(perm->scalar_type() == at::kInt && perm->is_contiguous() && perm->numel() >= in_features, "perm: int32 (K,)");
   }
-  at::Tensor bias_t;
-  int bias_kind = 0;
-  if (bias.has_value()) {
-    bias_t = bias->contiguous();
-    TORCH_CHECK(bias_t.numel() == N, "bias: (N,)");
-    if (bias_t.scalar_type() == at::kHalf) bias_kind = 0;
-    else if (bias_t.scalar_type() == at::kBFloat16) bias_kind = 1;
-    else { bias_t = bias_t.to(at::kFloat); bias_kind = 2; }
-  }
+  const nq_cuda::Bias bias_arg = nq_cuda::prepare_bias(bias, N);
 
   Params p;
   p.x = x.data_ptr();
@@ -470,7 +459,7 @@ at::Tensor gemv_int4(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Te
   p.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   p.qzeros = reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>());
   p.perm = perm.has_value() ? perm->data_ptr<int32_t>() : nullptr;
-  p.bias = bias.has_value() ? bias_t.data_ptr() : nullptr;
+  p.bias = bias_arg.data();
   p.out = out.data_ptr();
   p.partial = splits > 1 ? partial.data_ptr<float>() : nullptr;
   p.tickets = tickets.data_ptr<int32_t>();
@@ -487,7 +476,7 @@ at::Tensor gemv_int4(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Te
   p.units_per_warp = static_cast<int>(units_per_warp);
   p.scales_bf16 = scales.scalar_type() == at::kBFloat16 ? 1 : 0;
   p.symmetric = symmetric ? 1 : 0;
-  p.bias_kind = bias_kind;
+  p.bias_kind = bias_arg.kind;
 
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
   const dim3 block(static_cast<unsigned>(warps * 32));

@@ -58,22 +58,14 @@ at::Tensor mma_int4(at::Tensor x, at::Tensor wq, at::Tensor scales, std::optiona
     TORCH_CHECK(tickets.numel() >= tiles, "ticket buffer too small");
     partial = at::empty({used_splits, M, N}, x.options().dtype(at::kFloat));
   }
-  at::Tensor bias_t;
-  int bias_kind = 0;
-  if (bias.has_value()) {
-    bias_t = bias->contiguous();
-    TORCH_CHECK(bias_t.numel() == N, "bias: (N,)");
-    if (bias_t.scalar_type() == at::kHalf) bias_kind = 0;
-    else if (bias_t.scalar_type() == at::kBFloat16) bias_kind = 1;
-    else { bias_t = bias_t.to(at::kFloat); bias_kind = 2; }
-  }
+  const nq_cuda::Bias bias_arg = nq_cuda::prepare_bias(bias, N);
 
   Params p;
   p.x = x.data_ptr();
   p.w = reinterpret_cast<const uint4*>(wq.data_ptr<int32_t>());
   p.scales = reinterpret_cast<const uint32_t*>(scales.data_ptr<int32_t>());
   p.zeros = symmetric ? nullptr : reinterpret_cast<const uint32_t*>(zeros->data_ptr<int32_t>());
-  p.bias = bias.has_value() ? bias_t.data_ptr() : nullptr;
+  p.bias = bias_arg.data();
   p.out = out.data_ptr();
   p.partial = used_splits > 1 ? partial.data_ptr<float>() : nullptr;
   p.tickets = tickets.data_ptr<int32_t>();
@@ -86,7 +78,7 @@ at::Tensor mma_int4(at::Tensor x, at::Tensor wq, at::Tensor scales, std::optiona
   p.num_groups = static_cast<int>(num_groups);
   p.group_size = static_cast<int>(group_size);
   p.chunks_per_split = static_cast<int>(chunks_per_split);
-  p.bias_kind = bias_kind;
+  p.bias_kind = bias_arg.kind;
   p.pdl = pdl ? 1 : 0;
   p.scales_bf16 = scale_dtype_bf16 ? 1 : 0;
   p.group_shift = 31;  // one group (group_size >= K)

@@ -39,6 +39,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common.cuh"
+
 #include <cstdint>
 #include <optional>
 
@@ -328,11 +330,6 @@ __device__ __forceinline__ void compute_chunk(const Chunk<MB, XPF>& ch, const Pa
   }
 }
 
-__device__ __forceinline__ float load_bias(const void* bias, int kind, int n) {
-  if (kind == 0) return __half2float(static_cast<const __half*>(bias)[n]);
-  if (kind == 1) return __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[n]);
-  return static_cast<const float*>(bias)[n];
-}
 
 // MB: blocks of 8 activation rows (1: M <= 8, 2: M <= 16); U: chunks per warp per batch;
 // PF: issue the next batch's loads before multiplying the current one; SYM: zero = 8 everywhere.
@@ -449,7 +446,7 @@ __global__ void __launch_bounds__(256) mma_int4_kernel(const Params p) {
       if (n < p.N) {
         float v = 0.f;
         for (int w = 0; w < warps; ++w) v += red[(w * kRows + m) * kTileN + (idx % kTileN)];
-        if (p.bias != nullptr) v += load_bias(p.bias, p.bias_kind, n);
+        if (p.bias != nullptr) v += nq_cuda::load_bias(p.bias, p.bias_kind, n);
         Ops<T>::store(p.out, static_cast<int64_t>(m) * p.stride_om + n, v);
       }
     }
@@ -482,7 +479,7 @@ __global__ void __launch_bounds__(256) mma_int4_kernel(const Params p) {
       const float* src = p.partial + static_cast<int64_t>(m) * p.N + n;
       const int64_t step = static_cast<int64_t>(p.M) * p.N;
       for (int s = 0; s < splits; ++s) v += __ldcg(src + s * step);
-      if (p.bias != nullptr) v += load_bias(p.bias, p.bias_kind, n);
+      if (p.bias != nullptr) v += nq_cuda::load_bias(p.bias, p.bias_kind, n);
       Ops<T>::store(p.out, static_cast<int64_t>(m) * p.stride_om + n, v);
     }
   }
