@@ -402,65 +402,80 @@ def test_cuda_gemv_deterministic_in_graph_and_tuned():
 
 
 # ---------------------------------------------------------------------------------------------
-# the tensor-core CUDA kernel (kernels/cuda/mma_int4.cu) and its repacked layout (kernels/cuda/mma.py)
-def _emulate_mma_kernel(x, layout):
-    """What mma_int4.cu computes, lane by lane, in float64: every lane's A fragment is decoded from its
-    word with the kernel's nibble → register map and placed where PTX's m16n8k16 puts it, every
-    lane's B fragment is read from the activations at the positions the kernel loads, and the
-    instruction's product is summed. Checks the layout contract without a GPU."""
+# the tensor-core CUDA kernel (kernels/cuda/mma_int4.cuh) on the kernel-order GPTQ tensors
+def _emulate_mma_kernel(x, qweight, qzeros, scales, symmetric, group, variant):
+    """What mma_int4.cuh computes, lane by lane, in float64, written from the kernel's code: each lane
+    loads the words of its 2·NT columns in its two packed rows of a chunk and the scales / stored
+    zeros of its group (zeros as the kernel shifts them out of the packed word), decodes its A
+    fragments with the kernel's nibble → register map (step p, registers 0/1: nibbles 2p, 2p+4 of
+    the words of columns 2i / 2i+1; registers 2/3: nibbles 2p+1, 2p+5), builds its B fragments the
+    way the byte permutes do (b0 = x[2p], x[2p+4]; b1 = x[2p+1], x[2p+5] of the row's 8
+    positions), places both where PTX's m16n8k16 puts them, and sums the instruction's product.
+    Checks the fragment map and the GPTQ indexing without a GPU."""
     from neural_quantization.kernels.cuda import mma
 
     M, K = x.shape
-    words = layout.wq.to(torch.int64) & 0xFFFFFFFF
-    scales = mma._unpair(layout.scales, layout.scale_dtype).double()
-    zeros = (mma._unpair(layout.zeros, torch.int16).double() if layout.zeros is not None
-             else torch.full_like(scales, 8.0))
-    out = torch.zeros(M, layout.tiles * mma.TILE_N, dtype=torch.float64)
-    lanes = torch.arange(32)
-    g, t = lanes // 4, lanes % 4
-    for tile in range(layout.tiles):
-        for c in range(layout.num_chunks):
-            pos = c * mma.CHUNK_K + 16 * t  # (32,) first position of each lane
-            group = torch.clamp(pos // layout.group_size, max=scales.shape[0] - 1)  # padding: last group
-            cols = tile * mma.TILE_N + torch.stack([g, g + 8])  # (2, 32): columns g and g + 8
-            s = scales[group, cols]  # (2, 32)
-            z = zeros[group, cols]
-            for step in range(4):
-                w = words[tile, c, :, step]
-                nibbles = [((w >> (4 * i)) & 0xF).double() for i in range(8)]
-                # register r holds nibbles (r, r + 4); column g for r even, g + 8 for r odd
-                reg = [((nibbles[r] - z[r % 2]) * s[r % 2], (nibbles[r + 4] - z[r % 2]) * s[r % 2]) for r in range(4)]
-                A = torch.zeros(16, 16, dtype=torch.float64)  # rows: tile columns, cols: k slots
-                A[g, 2 * t], A[g, 2 * t + 1] = reg[0]
-                A[g + 8, 2 * t], A[g + 8, 2 * t + 1] = reg[1]
-                A[g, 2 * t + 8], A[g, 2 * t + 9] = reg[2]
-                A[g + 8, 2 * t + 8], A[g + 8, 2 * t + 9] = reg[3]
-                B = torch.zeros(16, 8, dtype=torch.float64)  # rows: k slots, cols: activation rows
-                for lane in range(32):
-                    if g[lane] < M:
-                        p0 = int(pos[lane]) + 4 * step
-                        vals = [float(x[g[lane], p]) if p < K else 0.0 for p in range(p0, p0 + 4)]
-                        tl_ = int(t[lane])
-                        B[2 * tl_, g[lane]], B[2 * tl_ + 1, g[lane]] = vals[0], vals[1]
-                        B[2 * tl_ + 8, g[lane]], B[2 * tl_ + 9, g[lane]] = vals[2], vals[3]
-                out[:, tile * mma.TILE_N:(tile + 1) * mma.TILE_N] += (A @ B)[:, :M].T
-    return out[:, : layout.out_features]
+    N = scales.shape[1]
+    nt = mma.VARIANTS[variant][0]
+    tile_n = mma.tile_n(variant)
+    words = qweight.to(torch.int64) & 0xFFFFFFFF
+    zero_words = qzeros.to(torch.int64) & 0xFFFFFFFF
+    s_all = scales.double()
+    out = torch.zeros(M, mma.tiles(variant, N) * tile_n, dtype=torch.float64)
+    xp = torch.zeros(M, -(-K // mma.CHUNK_K) * mma.CHUNK_K, dtype=torch.float64)
+    xp[:, :K] = x  # the kernel loads zeros past K
+    for tile in range(mma.tiles(variant, N)):
+        for c in range(-(-K // mma.CHUNK_K)):
+            A = torch.zeros(nt, 2, 2, 16, 16, dtype=torch.float64)  # m-tile, packed row h, step, A
+            B = torch.zeros(2, 2, 16, 8, dtype=torch.float64)  # packed row h, step, B
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                col0 = tile * tile_n + 2 * nt * g
+                col_ok = col0 < N  # else the kernel multiplies zero codes and never stores those columns
+                group_index = min((c * mma.CHUNK_K + 16 * t) // group, s_all.shape[0] - 1)
+                packed_zeros = int(zero_words[group_index, col0 // 8]) >> (4 * (col0 % 8)) if col_ok else 0
+                for h in range(2):
+                    row = 8 * c + 2 * t + h
+                    base = mma.CHUNK_K * c + 16 * t + 8 * h  # the row's first position
+                    for p in range(2):
+                        if g < M:
+                            B[h, p, 2 * t, g], B[h, p, 2 * t + 1, g] = xp[g, base + 2 * p], xp[g, base + 2 * p + 4]
+                            B[h, p, 2 * t + 8, g] = xp[g, base + 2 * p + 1]
+                            B[h, p, 2 * t + 9, g] = xp[g, base + 2 * p + 5]
+                    for i in range(nt if col_ok else 0):
+                        cols = (col0 + 2 * i, col0 + 2 * i + 1)
+                        s = [float(s_all[group_index, col]) for col in cols]
+                        z = [8.0 if symmetric else float(((packed_zeros >> (8 * i + 4 * r)) & 0xF) + 1) for r in (0, 1)]
+                        w = [int(words[row, col]) if row < K // 8 else 0 for col in cols]
+                        for p in range(2):
+                            # registers a0..a3: (row g | g+8) x (slots 2t, 2t+1 | 2t+8, 2t+9)
+                            for r in range(4):
+                                a_row = g + 8 * (r % 2)
+                                slot = 2 * t + 8 * (r // 2)
+                                for j, nibble in enumerate((2 * p + r // 2, 2 * p + r // 2 + 4)):
+                                    code = (w[r % 2] >> (4 * nibble)) & 0xF
+                                    A[i, h, p, a_row, slot + j] = (code - z[r % 2]) * s[r % 2]
+            for i in range(nt):
+                C = sum(A[i, h, p] @ B[h, p] for h in range(2) for p in range(2))  # (16 A rows, 8 B columns)
+                for a_row in range(16):
+                    col = tile * tile_n + 2 * nt * (a_row % 8) + 2 * i + a_row // 8
+                    out[:, col] += C[a_row, :M]
+    return out[:, :N]
 
 
-@pytest.mark.parametrize("k,n,group,sym", [(208, 40, 16, False), (192, 24, 64, True), (128, 16, -1, False)])
-def test_mma_repack_is_the_kernels_contract(k, n, group, sym):
+@pytest.mark.parametrize("k,n,group,sym,variant", [(208, 40, 16, False, 0), (192, 24, 64, True, 3),
+                                                   (200, 44, -1, False, 4), (128, 18, 32, True, 1)])
+def test_mma_fragment_map_is_the_gptq_layout(k, n, group, sym, variant):
     from neural_quantization.kernels.cuda import mma
 
     t = random_gptq(k, n, 4, group, sym, False, seed=k + n, device="cpu")
     layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, k)
-    packed = mma.repack(layout.qweight, t["qzeros"], t["scales"], k, layout.group_size, layout.symmetric)
-    # the shuffle keeps every code, and the scale / zero pairs every value
-    assert torch.equal(mma.codes_of(packed), unpack(t["qweight"], 4, k, dim=0))
-    assert torch.equal(mma._unpair(packed.scales, torch.float16)[:, :n], t["scales"])
-    assert (packed.zeros is None) == sym
+    assert layout.symmetric == sym and mma.variant_supports(variant, n)
     x = torch.randn(3, k, dtype=torch.float64)
     ref = quant_linear_reference(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], None, 4, k)
-    assert torch.allclose(_emulate_mma_kernel(x, packed), ref, rtol=1e-9, atol=1e-9)
+    got = _emulate_mma_kernel(x, layout.qweight, t["qzeros"], t["scales"], sym,
+                              mma.group_length(layout.group_size, k), variant)
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-9)
 
 
 def test_mma_shapes_and_candidates():
@@ -470,16 +485,22 @@ def test_mma_shapes_and_candidates():
     assert mma.group_length(128, 4096) == 128 and mma.group_length(-1, 1040) == 1088
     assert mma.group_length(48, 4096) is None  # groups must be powers of two (or one group)
     assert mma.supports(16, 4096, 4096, 4, 128) and not mma.supports(17, 4096, 4096, 4, 128)
-    assert not mma.supports(1, 4104, 4096, 4, 128) and not mma.supports(1, 4096, 4096, 8, 128)
+    assert mma.supports(1, 4104, 4096, 4, 128) and not mma.supports(1, 4100, 4096, 4, 128)
+    assert not mma.supports(1, 4096, 4096, 8, 128) and not mma.supports(1, 4096, 4095, 4, 128)
+    assert not mma.supports(1, 4096, 4096, 4, 128, torch.float32)
     configs = dispatch.candidate_configs(4, 4096, 4096, 4, 132, 128, cuda_mma=True)
     mine = [c for c in configs if c.strategy == "cuda_mma"]
     assert mine and all(c.block_m == 8 and 0 <= c.variant < len(mma.VARIANTS) for c in mine)
+    assert {c.block_n for c in mine} == {16, 32} and {c.variant for c in mine} == set(range(len(mma.VARIANTS)))
     assert not any(c.strategy == "cuda_mma" for c in dispatch.candidate_configs(4, 4096, 4096, 4, 132, 128))
+    # variants with 32 columns per warp need N % 4 == 0
+    assert all(c.block_n == 16 for c in dispatch.cuda_mma_configs(1, 4096, 4098, 4, 128, 132))
     # narrow layers may split along K, wide ones never
     assert any(c.split_k > 1 for c in dispatch.cuda_mma_configs(1, 4096, 512, 4, 128, 132))
     assert all(c.split_k == 1 for c in dispatch.cuda_mma_configs(1, 4096, 28672, 4, 128, 132))
     default = dispatch.default_config(1, 4096, 4096, 4, 132, 128, cuda_mma=True)
     assert default.strategy == "cuda_mma" and default.variant == mma.DEFAULT_VARIANT
+    assert dispatch.default_config(1, 4096, 4098, 4, 132, 128, cuda_mma=True).block_n == 16  # N % 4 == 2
 
 
 def _cuda_mma_or_skip():
@@ -503,8 +524,10 @@ CUDA_MMA_CASES = [
     (8, 1040, 100, -1, True, False, torch.float16, 8, 3, 1, True),
     (9, 4096, 520, 128, False, False, torch.bfloat16, 8, 4, 3, True),
     (16, 512, 512, 32, False, True, torch.bfloat16, 8, 5, 2, True),
-    (16, 4096, 1032, 128, True, False, torch.float16, 8, 3, 1, False),
-    (2, 2048, 264, 256, True, True, torch.float16, 1, 2, 8, False),
+    (16, 4096, 1032, 128, True, False, torch.float16, 8, 2, 1, False),
+    (2, 2048, 264, 256, True, True, torch.float16, 1, 6, 8, False),
+    (12, 200, 42, -1, False, False, torch.float16, 4, 1, 1, True),
+    (4, 4096, 4096, 128, True, False, torch.bfloat16, 8, 4, 2, False),
 ]
 
 
@@ -516,11 +539,9 @@ def test_cuda_mma_matches_reference(case):
     mma = _cuda_mma_or_skip()
     t = random_gptq(k, n, 4, group, sym, act_order, seed=m * 7 + k + n)
     layout = prepare_kernel_layout(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, k)
-    assert layout.mma is not None
     x = torch.randn(m, k + 24, device="cuda").to(dtype)[:, 8:8 + k]  # strided rows
     bias = torch.randn(n, device="cuda").to(dtype) if with_bias else None
-    config = LaunchConfig("cuda_mma", mma.block_m_for(m), mma.TILE_N, mma.CHUNK_K, splits, warps,
-                          mma.VARIANTS[variant][0], variant)
+    config = dispatch._cuda_mma_config(mma.block_m_for(m), variant, splits, warps)
     ref = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"],
                                  None if bias is None else bias.double(), 4, k)
     outs = []
@@ -529,7 +550,7 @@ def test_cuda_mma_matches_reference(case):
         try:
             for _ in range(2):  # the second launch reuses the split-K counters the first reset
                 out = launch(config, x, layout.qweight, t["qzeros"], t["scales"], layout.perm, bias, 4,
-                             layout.group_size, k, layout.symmetric, layout.mma)
+                             layout.group_size, k, layout.symmetric)
                 assert out.shape == (m, n) and out.dtype == dtype
                 assert relative_error(out, ref) < TOLERANCE[dtype]
                 worst = float(((out.double() - ref).abs() / (ref.abs().mean() + 1e-6)).max())
@@ -556,7 +577,9 @@ def test_quant_linear_uses_the_tensor_core_kernel_in_graphs_and_compile():
     ref = quant_linear_reference(x.double(), t["qweight"], t["qzeros"], t["scales"], t["g_idx"],
                                  layer.bias.double(), 4, k)
     eager = layer(x)  # prepares the layout and tunes M bucket 4 (the tensor-core kernel is a candidate)
-    assert layer.kernel_mma_wq is not None and layer._mma is not None
+    # the kernel reads the checkpoint's tensors: no copy beyond act-order's sorted qweight
+    assert {name for name, _ in layer.named_buffers()} <= {"qweight", "qzeros", "scales", "g_idx", "bias",
+                                                           "kernel_qweight", "kernel_perm"}
     assert any(name.startswith("cuda_mma") for name in dispatch.TUNING_LOG[-1]["timings_us"])
     assert relative_error(eager, ref) < TOLERANCE[torch.float16]
     static_x = x.clone()
@@ -568,5 +591,5 @@ def test_quant_linear_uses_the_tensor_core_kernel_in_graphs_and_compile():
     assert torch.equal(static_out, eager)
     compiled = torch.compile(layer, fullgraph=True)
     assert relative_error(compiled(x), ref) < TOLERANCE[torch.float16]
-    # the repack is not part of the checkpoint
+    # the kernel layout is not part of the checkpoint
     assert not any(name.startswith("kernel_") for name in layer.state_dict())

@@ -132,7 +132,7 @@ def _tinygemm_layer(in_features: int, out_features: int, group_size: int, device
 def _plans(layers: list[dict], layouts: list, bits: int, in_features: int) -> list:
     """The call path QuantLinear uses outside torch.compile (``kernels.ops.prepared_plan``), per copy."""
     return [ops.prepared_plan(lay.qweight, t["qzeros"], t["scales"], lay.perm, None, bits, lay.group_size,
-                              in_features, lay.symmetric, lay.mma) for t, lay in zip(layers, layouts)]
+                              in_features, lay.symmetric) for t, lay in zip(layers, layouts)]
 
 
 def run_kernel_benchmark(

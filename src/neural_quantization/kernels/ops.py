@@ -104,7 +104,7 @@ def quant_linear(
     )
 
 
-def prepared_plan(kernel_qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma=None):
+def prepared_plan(kernel_qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric):
     """The lean eager call path of one prepared layer (``dispatch.PreparedMatmul``), or None without triton.
 
     Calling it is ``quant_linear_prepared(x, ...)`` with the kernels, minus the custom-op and
@@ -114,7 +114,7 @@ def prepared_plan(kernel_qweight, qzeros, scales, perm, bias, bits, group_size, 
         return None
     from neural_quantization.kernels.triton.dispatch import PreparedMatmul
 
-    return PreparedMatmul(kernel_qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma)
+    return PreparedMatmul(kernel_qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
 
 
 def quant_linear_prepared(
@@ -129,7 +129,6 @@ def quant_linear_prepared(
     in_features: int,
     symmetric: bool,
     backend: str = "auto",
-    mma=None,
 ) -> torch.Tensor:
     """``quant_linear`` on an already prepared layer (the fields of a ``KernelLayout``).
 
@@ -137,10 +136,9 @@ def quant_linear_prepared(
     capture and ``torch.compile``. The ``torch`` backend computes the reference on the same layout.
     """
     kernels = _use_kernels(x, bits, backend)
-    wq, mma_scales, mma_zeros = (None, None, None) if mma is None else mma.tensors()
     return torch.ops.neural_quantization.gptq_matmul(
         x, kernel_qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric,
-        "kernels" if kernels else "torch", wq, mma_scales, mma_zeros,
+        "kernels" if kernels else "torch",
     )
 
 
@@ -169,17 +167,12 @@ def gptq_matmul(
     in_features: int,
     symmetric: bool,
     backend: str,
-    mma_wq: torch.Tensor | None = None,
-    mma_scales: torch.Tensor | None = None,
-    mma_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x[..., perm] @ W^T + bias`` (…, N) with W in kernel order (``kernels/triton/layout.py``).
 
-    ``backend``: "kernels" runs the kernels where they can run (else the reference), "torch" the
-    reference. ``mma_*``: the tensors of the layer's ``MmaLayout`` (``kernels/cuda/mma.py``), which
-    the tensor-core CUDA kernel reads; absent, only the other kernels are candidates. The split-K
-    counters the kernels use are internal and restored to zero by every launch, so the op is
-    functional.
+    ``backend``: "kernels" runs the Triton kernels where they can run (else the reference),
+    "torch" the reference. The split-K counters the kernels use are internal and restored to
+    zero by every launch, so the op is functional.
     """
     out_features = qweight.shape[1]
     lead = x.shape[:-1]
@@ -189,19 +182,12 @@ def gptq_matmul(
     else:
         from neural_quantization.kernels.triton.dispatch import run
 
-        mma = None
-        if mma_wq is not None:
-            from neural_quantization.kernels.cuda.mma import MmaLayout, group_length
-
-            mma = MmaLayout(mma_wq, mma_scales, scales.dtype, mma_zeros, in_features, out_features,
-                            group_length(group_size, in_features))
-        out = run(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma=mma)
+        out = run(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
     return out.reshape(*lead, out_features)
 
 
 @gptq_matmul.register_fake
-def _gptq_matmul_fake(x, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, backend,
-                      mma_wq=None, mma_scales=None, mma_zeros=None):
+def _gptq_matmul_fake(x, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, backend):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 

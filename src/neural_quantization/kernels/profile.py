@@ -37,14 +37,14 @@ def main(argv=None) -> int:
         config = dispatch.LaunchConfig(f[0], *map(int, f[1:]))
     else:
         config = dispatch.default_config(args.m, k, n, 4, dispatch._sm_count(x.device), layout.group_size,
-                                         layout.mma is not None)
+                                         dispatch.cuda_mma_ready(x.device), t["scales"].dtype)
     dispatch.reserve_tickets(x.device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for i in range(args.calls):
         if i == args.calls - 1:
             start.record()
         dispatch.launch(config, x, layout.qweight, t["qzeros"], t["scales"], None, None, 4, layout.group_size, k,
-                        layout.symmetric, layout.mma)
+                        layout.symmetric)
     end.record()
     end.synchronize()
     print(f"{config.describe()} {args.shape} M={args.m}: {start.elapsed_time(end) * 1000:.1f} us (last call)")

@@ -24,10 +24,6 @@ from neural_quantization.kernels import ops
 from neural_quantization.kernels.reference import dequantize_gptq
 
 
-#: non-persistent buffers of the tensor-core kernel's repacked layout (kernels/cuda/mma.py)
-_MMA_BUFFERS = ("kernel_mma_wq", "kernel_mma_scales", "kernel_mma_zeros")
-
-
 class QuantLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` (out_features, in_features) stored as b-bit GPTQ codes."""
 
@@ -93,17 +89,13 @@ class QuantLinear(nn.Module):
 
     _kernel_layout = None  # (group_size, symmetric, act_order) once prepared, False if unsupported
     _kernel_plan = None  # kernels.ops.prepared_plan: the lean eager call path once prepared
-    _mma = None  # the kernels.cuda.mma.MmaLayout the layer was prepared with (its tensors are buffers)
 
     def prepare_kernels(self) -> None:
         """Compute the kernels' layout of this layer now (synchronizes; call outside graph capture).
 
         Act-order layers get a group-sorted copy of ``qweight`` and the permutation of input
         columns as non-persistent buffers (``kernel_qweight``, ``kernel_perm``); other layers read
-        the checkpoint tensors directly. 4-bit layers on GPUs of compute capability ≥ 8.0 also get
-        the tensor-core kernel's repack (``kernel_mma_wq``, ``kernel_mma_scales``,
-        ``kernel_mma_zeros``; ``kernels/cuda/mma.py``). Layers the kernels cannot run keep using the
-        reference.
+        the checkpoint tensors directly. Layers the kernels cannot run keep using the reference.
         """
         layout = ops.prepare(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features)
         if layout is None:
@@ -113,33 +105,18 @@ class QuantLinear(nn.Module):
         if act_order:
             self.register_buffer("kernel_qweight", layout.qweight, persistent=False)
             self.register_buffer("kernel_perm", layout.perm, persistent=False)
-        self._mma = layout.mma
-        if layout.mma is not None:  # the tensor-core kernel's repack: buffers, so .to() and .cuda() see them
-            for name, tensor in zip(_MMA_BUFFERS, layout.mma.tensors()):
-                self.register_buffer(name, tensor, persistent=False)
         self._kernel_layout = (layout.group_size, layout.symmetric, act_order)
         self._kernel_plan = ops.prepared_plan(
             self.kernel_qweight if act_order else self.qweight, self.qzeros, self.scales,
             self.kernel_perm if act_order else None, self.bias, self.bits, layout.group_size, self.in_features,
-            layout.symmetric, self._mma_layout(),
+            layout.symmetric,
         )
-
-    def _mma_layout(self):
-        """The prepared tensor-core layout over this module's current buffers (None if not prepared)."""
-        if self._mma is None or getattr(self, "kernel_mma_wq", None) is None:
-            return None
-        from neural_quantization.kernels.cuda.mma import MmaLayout
-
-        mma = self._mma
-        return MmaLayout(self.kernel_mma_wq, self.kernel_mma_scales, mma.scale_dtype, self.kernel_mma_zeros,
-                         mma.in_features, mma.out_features, mma.group_size)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._kernel_layout = None
         self._kernel_plan = None
-        self._mma = None
-        for name in ("kernel_qweight", "kernel_perm", *_MMA_BUFFERS):
+        for name in ("kernel_qweight", "kernel_perm"):
             self._buffers.pop(name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +159,6 @@ class QuantLinear(nn.Module):
                 self.in_features,
                 symmetric,
                 self.kernel_backend,
-                self._mma_layout(),
             )
         return ops.quant_linear(
             x,

@@ -2,35 +2,43 @@
 // output and split-K buffers, launch.
 #include "mma_int4.cuh"
 
-// y = x[:, perm] @ W^T + bias for x (M <= block_m <= 16, K); returns (M, N) in x's dtype.
-at::Tensor mma_int4(at::Tensor x, at::Tensor wq, at::Tensor scales, std::optional<at::Tensor> zeros,
+// y = x[:, perm] @ W^T + bias for x (M <= block_m <= 16, K); returns (M, N) in x's dtype. The weights
+// are the GPTQ tensors in kernel order (layout.py): qweight (K/8, N), scales (G, N), qzeros.
+at::Tensor mma_int4(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor qzeros, bool symmetric,
                     std::optional<at::Tensor> perm, std::optional<at::Tensor> bias, at::Tensor tickets,
-                    int64_t group_size, int64_t in_features, int64_t out_features, int64_t block_m, int64_t warps,
-                    int64_t variant, int64_t splits, bool pdl, bool scale_dtype_bf16) {
+                    int64_t group_size, int64_t in_features, int64_t block_m, int64_t warps, int64_t variant,
+                    int64_t splits, bool pdl) {
   using namespace nq_mma;
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a CUDA (M, K) tensor");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be fp16 or bf16");
   TORCH_CHECK(block_m == 8 || block_m == 16, "block_m must be 8 or 16");
   const int64_t M = x.size(0);
   TORCH_CHECK(M <= block_m, "more rows than block_m");
-  const int64_t K = in_features, N = out_features;
-  TORCH_CHECK(K % 16 == 0 && K >= 16, "K must be a positive multiple of 16");
+  const int64_t K = in_features, N = scales.size(1);
+  const int64_t tile_n = variant_tile_n(static_cast<int>(variant));
+  TORCH_CHECK(tile_n > 0, "unknown mma_int4 variant ", variant);
+  TORCH_CHECK(warps >= 1 && warps <= kMaxWarps, "warps must be 1..8");
+  TORCH_CHECK(K % 8 == 0 && K >= 8, "K must be a positive multiple of 8");
+  TORCH_CHECK(N % (tile_n / 8) == 0, "N must be a multiple of ", tile_n / 8, " for this variant");
   TORCH_CHECK(group_size >= K || (group_size >= 16 && (group_size & (group_size - 1)) == 0),
               "group size must be a power of two >= 16, or >= K (one group)");
-  const int64_t tiles = (N + kTileN - 1) / kTileN;
-  const int64_t num_chunks = (K + kChunkK - 1) / kChunkK;
-  TORCH_CHECK(wq.scalar_type() == at::kInt && wq.is_contiguous() && wq.numel() == tiles * num_chunks * 32 * 4,
-              "wq: int32 (tiles, chunks, 32, 4) from mma.repack");
-  TORCH_CHECK(scales.scalar_type() == at::kInt && scales.is_contiguous() && scales.dim() == 3 &&
-                  scales.size(0) == tiles && scales.size(2) == 8,
-              "scales: int32 (tiles, groups, 8) from mma.repack");
-  const int64_t num_groups = scales.size(1);
-  const bool symmetric = !zeros.has_value();
+  const int64_t rows = K / 8;
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.dim() == 2 &&
+                  qweight.size(0) == rows && qweight.size(1) == N &&
+                  reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
+              "qweight: contiguous, aligned int32 (K / 8, N) in kernel order");
+  TORCH_CHECK((scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kBFloat16) &&
+                  scales.is_contiguous() && scales.dim() == 2 && reinterpret_cast<uintptr_t>(scales.data_ptr()) % 8 == 0,
+              "scales: contiguous fp16 or bf16 (G, N)");
+  const int64_t num_groups = scales.size(0);
+  const int64_t zero_words = (N + 7) / 8;
   if (!symmetric) {
-    TORCH_CHECK(zeros->scalar_type() == at::kInt && zeros->is_contiguous() && zeros->sizes() == scales.sizes(),
-                "zeros: int32 (tiles, groups, 8) from mma.repack");
+    TORCH_CHECK(qzeros.scalar_type() == at::kInt && qzeros.is_contiguous() && qzeros.dim() == 2 &&
+                    qzeros.size(0) == num_groups && qzeros.size(1) == zero_words,
+                "qzeros: contiguous int32 (G, ceil(N / 8))");
   }
-  TORCH_CHECK(warps >= 1 && warps <= kMaxWarps, "warps must be 1..8");
+  const int64_t tiles = (N + tile_n - 1) / tile_n;
+  const int64_t num_chunks = (K + kChunkK - 1) / kChunkK;
   TORCH_CHECK(splits >= 1 && splits <= num_chunks && splits <= 65535, "bad splits");
   TORCH_CHECK(tickets.scalar_type() == at::kInt && tickets.is_cuda(), "tickets: int32 CUDA");
 
@@ -62,9 +70,9 @@ at::Tensor mma_int4(at::Tensor x, at::Tensor wq, at::Tensor scales, std::optiona
 
   Params p;
   p.x = x.data_ptr();
-  p.w = reinterpret_cast<const uint4*>(wq.data_ptr<int32_t>());
-  p.scales = reinterpret_cast<const uint32_t*>(scales.data_ptr<int32_t>());
-  p.zeros = symmetric ? nullptr : reinterpret_cast<const uint32_t*>(zeros->data_ptr<int32_t>());
+  p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  p.scales = scales.data_ptr();
+  p.qzeros = symmetric ? nullptr : reinterpret_cast<const uint32_t*>(qzeros.data_ptr<int32_t>());
   p.bias = bias_arg.data();
   p.out = out.data_ptr();
   p.partial = used_splits > 1 ? partial.data_ptr<float>() : nullptr;
@@ -74,13 +82,14 @@ at::Tensor mma_int4(at::Tensor x, at::Tensor wq, at::Tensor scales, std::optiona
   p.M = static_cast<int>(M);
   p.N = static_cast<int>(N);
   p.K = static_cast<int>(K);
+  p.rows = static_cast<int>(rows);
+  p.zero_words = static_cast<int>(zero_words);
   p.num_chunks = static_cast<int>(num_chunks);
   p.num_groups = static_cast<int>(num_groups);
-  p.group_size = static_cast<int>(group_size);
   p.chunks_per_split = static_cast<int>(chunks_per_split);
   p.bias_kind = bias_arg.kind;
   p.pdl = pdl ? 1 : 0;
-  p.scales_bf16 = scale_dtype_bf16 ? 1 : 0;
+  p.scales_bf16 = scales.scalar_type() == at::kBFloat16 ? 1 : 0;
   p.group_shift = 31;  // one group (group_size >= K)
   for (int shift = 0; shift < 31; ++shift) {
     if ((int64_t{1} << shift) == group_size) p.group_shift = shift;

@@ -1,30 +1,45 @@
-// Int4 x fp16/bf16 matmul for M <= 16 activation rows on tensor cores (mma.sync m16n8k16).
+// Int4 x fp16/bf16 matmul for M <= 16 activation rows on tensor cores (mma.sync m16n8k16), reading
+// the GPTQ layout in kernel order directly (no repacked copy of the weights).
 //
 // Kernel templates; instantiated per activation dtype in mma_int4_half.cu / mma_int4_bf16.cu and
-// launched from mma_int4.cu. Built by kernels/cuda/extension.py; the load-time repack that
-// produces its weight layout is kernels/cuda/mma.py (``repack``), which documents the layout.
+// launched from mma_int4.cu. Built by kernels/cuda/extension.py. Notation as in gemv_int4.cu:
+//
+//   qweight (K/8, N) int32, word r holds the codes of positions 8r .. 8r+7 (code j in bits 4j..)
+//   scales  (G, N) fp16 or bf16, qzeros (G, ceil(N/8)) int32 holding zero - 1 (unused if symmetric)
+//   y[m, n] = sum_k x[m, perm[k]] * scales[g(k), n] * (q[k, n] - zero[g(k), n]) (+ bias[n])
 //
 // The product is computed transposed, y^T = W x^T, so the weights fill the instruction's 16-row
 // operand A (16 output columns x 16 input positions) and the activations its 8-column operand B
 // (16 positions x 8 rows of x): one instruction serves M <= 8, two serve M <= 16, and the cost
 // per weight does not grow with M.
 //
-// Work split. A "chunk" is 16 output columns (a tile) x 64 input positions: 512 contiguous bytes
-// of packed codes, one 16-byte load per lane. Lane (g, t) = (lane / 4, lane % 4) owns columns
-// g and g + 8 of the tile and positions 16t .. 16t + 15 of the chunk; its four words are the A
-// fragments of the chunk's four mma steps (step s covers positions 16t + 4s .. 16t + 4s + 3 of
-// every lane; the fragment slots 2t, 2t+1, 2t+8, 2t+9 map to positions +0, +1, +2, +3). The B
-// fragments of the same step are x[m][16t + 4s .. +3], so a lane's activations for a chunk are
-// 16 contiguous halves: two 16-byte loads per 8 rows. A block of W warps owns one tile and a
-// range of chunks (the split); warp w takes chunks w, w + W, ... of the range, U at a time
-// (with PF the next U chunks' codes are loaded before the current ones are multiplied).
+// Fragment map. Lane (g, t) = (lane / 4, lane % 4) holds rows g and g + 8 of A, slots 2t, 2t+1,
+// 2t+8, 2t+9 of K, and column g of B. The rows of A are mapped to ADJACENT output columns, row g
+// to column 2g and row g + 8 to column 2g + 1 of a 16-column m-tile, so a lane's two columns are
+// one 8-byte load of a packed GPTQ row (a permutation of A's rows only permutes the outputs).
+// The slots of K are mapped to the nibbles of that row's words: in mma step p (0, 1) of a packed
+// row r, slots 2t, 2t+1 hold positions 8r + 2p, 8r + 2p + 4 (nibbles 2p, 2p + 4: one mask of the
+// word shifted by 8p) and slots 2t+8, 2t+9 positions 8r + 2p + 1, 8r + 2p + 5. B follows the same
+// map, so the activations x[8r .. 8r+7] (one 16-byte load) are paired by two byte permutes per
+// step. Every lane t reads its own packed rows: a "chunk" of 64 positions is packed rows
+// 8c .. 8c+7, and lane t takes rows 8c + 2t, 8c + 2t + 1 (positions 16t .. 16t + 15 of the chunk,
+// which lie inside one group for every group length that is a multiple of 16).
+//
+// With NT m-tiles per warp (NT = 2: 32 columns), a lane owns 2 NT adjacent columns (one 16-byte
+// load per packed row) and every activation fragment feeds NT instructions.
+//
+// Work split. A block of W warps owns one tile of 16 NT columns and a range of chunks (the split
+// along K); warp w takes chunks w, w + W, ... of the range, U at a time (with PF the next U
+// chunks' codes are loaded before the current ones are multiplied). (Blocks of several warps side
+// by side along N, reading longer runs of every packed row, were measured no faster on H100.)
 //
 // Dequantization (per 32-bit word = 8 codes): a nibble OR-ed into the mantissa of the 16-bit
 // magic number (1024 in fp16, 128 in bf16) gives magic + q exactly; subtracting magic + zero
 // gives q - z exactly; multiplying by the scale rounds once, as the reference's dequantized
 // weight does. For fp16 the odd nibbles are taken in place (magic + 16 q) and brought to q - z
-// by one fma with 1/16 and -(64 + z) (exact), saving a shift. The scale is per (group, column);
-// a lane's 16 positions lie inside one group for every group size that is a multiple of 16.
+// by one fma with 1/16 and -(64 + z) (exact), saving a shift. For group lengths that are
+// multiples of 64 (a chunk in one group) the scale multiplies the fp32 accumulator once per
+// chunk instead (SA).
 //
 // Reduction: the block's warps are summed in shared memory; with several splits along K each
 // block stores its fp32 partial and the last block of the tile (ticket counter) sums the
@@ -46,25 +61,25 @@
 
 namespace nq_mma {
 
-constexpr int kTileN = 16;
-constexpr int kChunkK = 64;
+constexpr int kChunkK = 64;  // input positions per chunk (8 packed rows)
 constexpr int kMaxWarps = 8;
+constexpr int kMaxTileN = 32;
 
 struct Params {
   const void* x;
-  const uint4* w;           // (tiles, chunks, 32 lanes) uint4
-  const uint32_t* scales;   // (tiles, groups, 8) pairs (s[g], s[g + 8]), fp16 or bf16 (scales_bf16)
-  const uint32_t* zeros;    // (tiles, groups, 8) pairs (z[g], z[g + 8]) as 16-bit integers; null if symmetric
+  const uint32_t* qweight;  // (rows, N) int32, GPTQ codes in kernel order
+  const void* scales;       // (G, N) fp16 or bf16 (scales_bf16)
+  const uint32_t* qzeros;   // (G, zero_words) GPTQ packed zeros - 1; null if symmetric
   const void* bias;         // nullptr: none
   void* out;
   float* partial;           // (splits, M, N) fp32, only with splits > 1
   int32_t* tickets;         // one counter per tile, zero at rest
   int64_t stride_xm;
   int64_t stride_om;
-  int M, N, K, num_chunks, num_groups, group_size, chunks_per_split, bias_kind;
-  int scales_bf16;  // scale pairs hold bf16 (else fp16)
+  int M, N, K, rows, zero_words, num_chunks, num_groups, chunks_per_split, bias_kind;
+  int scales_bf16;  // scales hold bf16 (else fp16)
   int group_shift;  // log2(group length): a group is 2^group_shift positions (31: one group)
-  int pdl;  // launched as a programmatic dependent launch
+  int pdl;          // launched as a programmatic dependent launch
 };
 
 template <typename T>
@@ -119,8 +134,8 @@ __device__ __forceinline__ uint32_t bits_of(T2 v) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Per-chunk constants of one lane: for column g (index 0) and g + 8 (index 1), the scale pair
-// (s, s), magic + zero, and (fp16 only) -(64 + zero).
+// Per-chunk constants of one lane and m-tile: for its columns 2g (index 0) and 2g + 1 (index 1),
+// the scale pair (s, s), magic + zero, and (fp16 only) -(64 + zero).
 template <typename T>
 struct Consts {
   uint32_t scale[2];
@@ -132,19 +147,20 @@ __device__ __forceinline__ float scale_to_float(uint32_t bits16, int is_bf16) {
   return is_bf16 ? __uint_as_float(bits16 << 16) : __half2float(__ushort_as_half(static_cast<unsigned short>(bits16)));
 }
 
+// zeros: the two stored zeros (zero - 1) of the columns in bits 0..3 and 4..7 (SYM: unused, zero 8).
 template <typename T, int SYM>
-__device__ __forceinline__ Consts<T> make_consts(float s_lo, float s_hi, uint32_t zero_pair) {
+__device__ __forceinline__ Consts<T> make_consts(float s0, float s1, uint32_t zeros) {
   Consts<T> k;
   if constexpr (Ops<T>::kMagic == 0x64006400u) {
-    k.scale[0] = bits_of(__float2half2_rn(s_lo));
-    k.scale[1] = bits_of(__float2half2_rn(s_hi));
+    k.scale[0] = bits_of(__float2half2_rn(s0));
+    k.scale[1] = bits_of(__float2half2_rn(s1));
   } else {
-    k.scale[0] = bits_of(__float2bfloat162_rn(s_lo));
-    k.scale[1] = bits_of(__float2bfloat162_rn(s_hi));
+    k.scale[0] = bits_of(__float2bfloat162_rn(s0));
+    k.scale[1] = bits_of(__float2bfloat162_rn(s1));
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const uint32_t z = SYM ? 8u : ((i == 0 ? zero_pair : (zero_pair >> 16)) & 0xFFFFu);
+    const uint32_t z = SYM ? 8u : ((zeros >> (4 * i)) & 0xFu) + 1u;
     k.magic_zero[i] = Ops<T>::kMagic | (z | (z << 16));  // magic + z: z < 2^mantissa bits, exact
     if constexpr (Ops<T>::kMagic == 0x64006400u) {
       const uint32_t b = __half_as_ushort(__float2half_rn(-(64.f + static_cast<float>(z))));
@@ -164,54 +180,72 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a) {
   return r;
 }
 
+// The A fragments of the two mma steps of one packed row: w0, w1 are the words of columns 2g and
+// 2g + 1. Step p, register 0 / 1: nibbles (2p, 2p + 4) of w0 / w1; registers 2 / 3: nibbles
+// (2p + 1, 2p + 5).
 template <typename T, int SA>
-__device__ __forceinline__ void dequant(uint32_t w, const Consts<T>& k, uint32_t (&a)[4]) {
+__device__ __forceinline__ void dequant_row(uint32_t w0, uint32_t w1, const Consts<T>& k, uint32_t (&a)[2][4]) {
   using T2 = typename Ops<T>::T2;
-  T2 d[4];
+  T2 d[2][4];
   if constexpr (Ops<T>::kMagic == 0x64006400u) {
     const __half2 sixteenth = __floats2half2_rn(0.0625f, 0.0625f);
-    const uint32_t w8 = w >> 8;
-    const uint32_t h0 = and_or<0x000F000Fu, 0x64006400u>(w);   // 1024 + q, column g
-    const uint32_t h1 = and_or<0x00F000F0u, 0x64006400u>(w);   // 1024 + 16 q, column g + 8
-    const uint32_t h2 = and_or<0x000F000Fu, 0x64006400u>(w8);
-    const uint32_t h3 = and_or<0x00F000F0u, 0x64006400u>(w8);
-    d[0] = __hsub2(as2<__half2>(h0), as2<__half2>(k.magic_zero[0]));
-    d[1] = __hfma2(as2<__half2>(h1), sixteenth, as2<__half2>(k.neg_64_zero[1]));
-    d[2] = __hsub2(as2<__half2>(h2), as2<__half2>(k.magic_zero[0]));
-    d[3] = __hfma2(as2<__half2>(h3), sixteenth, as2<__half2>(k.neg_64_zero[1]));
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const uint32_t u0 = p ? (w0 >> 8) : w0;
+      const uint32_t u1 = p ? (w1 >> 8) : w1;
+      d[p][0] = __hsub2(as2<__half2>(and_or<0x000F000Fu, 0x64006400u>(u0)), as2<__half2>(k.magic_zero[0]));
+      d[p][1] = __hsub2(as2<__half2>(and_or<0x000F000Fu, 0x64006400u>(u1)), as2<__half2>(k.magic_zero[1]));
+      d[p][2] = __hfma2(as2<__half2>(and_or<0x00F000F0u, 0x64006400u>(u0)), sixteenth, as2<__half2>(k.neg_64_zero[0]));
+      d[p][3] = __hfma2(as2<__half2>(and_or<0x00F000F0u, 0x64006400u>(u1)), sixteenth, as2<__half2>(k.neg_64_zero[1]));
+    }
   } else {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t h = and_or<0x000F000Fu, 0x43004300u>(w >> (4 * i));  // 128 + q
-      d[i] = __hsub2(as2<T2>(h), as2<T2>(k.magic_zero[i & 1]));          // odd nibbles: column g + 8
+    for (int i = 0; i < 4; ++i) {  // nibbles (i, i + 4): step i / 2, registers 2 (i % 2) and 2 (i % 2) + 1
+      d[i >> 1][2 * (i & 1)] = __hsub2(as2<T2>(and_or<0x000F000Fu, 0x43004300u>(w0 >> (4 * i))),
+                                       as2<T2>(k.magic_zero[0]));
+      d[i >> 1][2 * (i & 1) + 1] = __hsub2(as2<T2>(and_or<0x000F000Fu, 0x43004300u>(w1 >> (4 * i))),
+                                           as2<T2>(k.magic_zero[1]));
     }
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (SA != 0) {
-      a[i] = bits_of(d[i]);
-    } else {
-      a[i] = bits_of(__hmul2(d[i], as2<T2>(k.scale[i & 1])));
+  for (int p = 0; p < 2; ++p) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      if constexpr (SA != 0) {
+        a[p][r] = bits_of(d[p][r]);
+      } else {
+        a[p][r] = bits_of(__hmul2(d[p][r], as2<T2>(k.scale[r & 1])));
+      }
     }
   }
 }
 
-// What a lane prefetches for one chunk: its four words of codes, the scale / zero pairs of its
-// group and, with XPF, its activations (else they are loaded when the chunk is multiplied: they
-// are shared by every tile, so they come from L1 or L2, and registers go to codes instead).
-template <int MB, int XPF>
+// What a lane loads for one chunk: the words of its 2 NT columns in its two packed rows, the
+// scales and stored zeros of its group and its activations (16 positions per row block of 8).
+template <int NT, int MB>
 struct Chunk {
-  uint4 w;
-  uint32_t s;
-  uint32_t z;
-  uint4 x[XPF ? MB : 1][2];
+  uint32_t w[2][2 * NT];
+  uint32_t s[NT];  // scale pairs (columns 2i, 2i + 1 of the lane)
+  uint32_t z;      // 4-bit stored zeros of the lane's columns
+  uint4 x[MB][2];
 };
 
-
-// Codes are read once. LD 0: read-only path; 1: bypass L1 (kept for activations) and ask L2 for
-// 256-byte sectors; 2: bypass L1 only.
+// Codes are read once: LD 0 read-only path, 1 bypass L1 (kept for the activations) and ask L2
+// for 256-byte sectors, 2 bypass L1 only.
 template <int LD>
-__device__ __forceinline__ uint4 load_codes(const uint4* ptr) {
+__device__ __forceinline__ uint2 load_u2(const uint32_t* ptr) {
+  uint2 v;
+  if constexpr (LD == 1) {
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+  } else if constexpr (LD == 2) {
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+  } else {
+    v = __ldg(reinterpret_cast<const uint2*>(ptr));
+  }
+  return v;
+}
+template <int LD>
+__device__ __forceinline__ uint4 load_u4(const uint32_t* ptr) {
   uint4 v;
   if constexpr (LD == 1) {
     asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -222,9 +256,24 @@ __device__ __forceinline__ uint4 load_codes(const uint4* ptr) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(ptr));
   } else {
-    v = __ldg(ptr);
+    v = __ldg(reinterpret_cast<const uint4*>(ptr));
   }
   return v;
+}
+
+template <int NT, int LD>
+__device__ __forceinline__ void load_words(uint32_t (&w)[2 * NT], const uint32_t* ptr) {
+  if constexpr (NT == 1) {
+    const uint2 v = load_u2<LD>(ptr);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else {
+    const uint4 v = load_u4<LD>(ptr);
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  }
 }
 
 __device__ __forceinline__ void prefetch_l2(const void* ptr) {
@@ -241,101 +290,130 @@ __device__ __forceinline__ void launch_dependents() {
 #endif
 }
 
-// A lane's pointers: codes of its tile (+ 32 uint4 per chunk), scale / zero pairs of its columns
-// (+ 8 per group), activations of its rows g, g + 8 at position 16t (+ 64 per chunk).
+// A lane's view: codes of packed row 2t of its first column (+ 8 N per chunk), its first column,
+// activations of rows g, g + 8 at position 16t (+ 64 per chunk).
 template <typename T, int MB>
 struct Lane {
-  const uint4* w;
-  const uint32_t* s;
-  const uint32_t* z;
+  const uint32_t* w;
   const T* x[MB];
   bool row_ok[MB];
-  int pos0;  // 16t
+  bool col_ok;  // the lane's columns exist (N is a multiple of 2 NT)
+  int col0;
+  int row0;     // 2t
+  int pos0;     // 16t
 };
 
 // Activations of positions c·64 + 16t … + 15 for rows g, g + 8. Rows past M are left as they are
-// (their output columns are never stored); positions past K are zero (their codes are padding).
+// (their output columns are never stored); positions past K are zero (their codes are zero too).
 template <typename T, int MB>
 __device__ __forceinline__ void load_x(uint4 (&xv)[MB][2], const Params& p, const Lane<T, MB>& ln, int c) {
   const int pos = c * kChunkK + ln.pos0;
 #pragma unroll
   for (int j = 0; j < MB; ++j) {
     if (ln.row_ok[j]) {
-      if (pos < p.K) {
-        const uint4* src = reinterpret_cast<const uint4*>(ln.x[j] + c * kChunkK);
-        xv[j][0] = __ldg(src);
-        xv[j][1] = __ldg(src + 1);
-      } else {
-        xv[j][0] = make_uint4(0u, 0u, 0u, 0u);
-        xv[j][1] = make_uint4(0u, 0u, 0u, 0u);
+      const uint4* src = reinterpret_cast<const uint4*>(ln.x[j] + c * kChunkK);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) xv[j][h] = pos + 8 * h < p.K ? __ldg(src + h) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+template <typename T, int NT, int MB, int LD, int SYM>
+__device__ __forceinline__ void load_chunk(Chunk<NT, MB>& ch, const Params& p, const Lane<T, MB>& ln, int c) {
+  const int row = c * 8 + ln.row0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (ln.col_ok && row + h < p.rows) {
+      load_words<NT, LD>(ch.w[h], ln.w + static_cast<int64_t>(c * 8 + h) * p.N);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 2 * NT; ++i) ch.w[h][i] = 0u;
+    }
+  }
+  const int group = min((c * kChunkK + ln.pos0) >> p.group_shift, p.num_groups - 1);  // padding: last group
+  const int col = ln.col_ok ? ln.col0 : 0;
+  const int64_t at = static_cast<int64_t>(group) * p.N + col;
+  if constexpr (NT == 1) {
+    ch.s[0] = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(p.scales) + at));
+  } else {
+    const uint2 s = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p.scales) + at));
+    ch.s[0] = s.x;
+    ch.s[1] = s.y;
+  }
+  if constexpr (!SYM) ch.z = __ldg(p.qzeros + static_cast<int64_t>(group) * p.zero_words + (col >> 3)) >> (4 * (col & 7));
+  load_x<T, MB>(ch.x, p, ln, c);
+}
+
+template <typename T, int NT, int MB, int SA, int SYM>
+__device__ __forceinline__ void compute_chunk(const Chunk<NT, MB>& ch, const Params& p, float (&total)[NT][MB][4]) {
+  float s0[NT], s1[NT];
+  Consts<T> k[NT];
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    // the scales are stored in the checkpoint's dtype (p.scales_bf16), whatever the activations' dtype
+    s0[i] = scale_to_float(ch.s[i] & 0xFFFFu, p.scales_bf16);
+    s1[i] = scale_to_float(ch.s[i] >> 16, p.scales_bf16);
+    k[i] = make_consts<T, SYM>(s0[i], s1[i], SYM ? 0u : ch.z >> (8 * i));
+  }
+  float acc[NT][MB][4];
+  if constexpr (SA != 0) {
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+#pragma unroll
+      for (int j = 0; j < MB; ++j) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.f;
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    // B of step p: (x[2p], x[2p + 4]) and (x[2p + 1], x[2p + 5]) of the row's 8 positions
+    uint32_t b[MB][2][2];
+#pragma unroll
+    for (int j = 0; j < MB; ++j) {
+      const uint4 x = ch.x[j][h];
+      b[j][0][0] = __byte_perm(x.x, x.z, 0x5410);
+      b[j][0][1] = __byte_perm(x.x, x.z, 0x7632);
+      b[j][1][0] = __byte_perm(x.y, x.w, 0x5410);
+      b[j][1][1] = __byte_perm(x.y, x.w, 0x7632);
+    }
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+      uint32_t a[2][4];
+      dequant_row<T, SA>(ch.w[h][2 * i], ch.w[h][2 * i + 1], k[i], a);
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {
+#pragma unroll
+        for (int j = 0; j < MB; ++j) {
+          Ops<T>::mma(SA ? acc[i][j] : total[i][j], a[step], b[j][step][0], b[j][step][1]);
+        }
+      }
+    }
+  }
+  if constexpr (SA != 0) {
+    // one group per chunk: y += s * sum x (q - z), in fp32 (registers 0, 1: column 2g; 2, 3: 2g + 1)
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+#pragma unroll
+      for (int j = 0; j < MB; ++j) {
+        total[i][j][0] = fmaf(acc[i][j][0], s0[i], total[i][j][0]);
+        total[i][j][1] = fmaf(acc[i][j][1], s0[i], total[i][j][1]);
+        total[i][j][2] = fmaf(acc[i][j][2], s1[i], total[i][j][2]);
+        total[i][j][3] = fmaf(acc[i][j][3], s1[i], total[i][j][3]);
       }
     }
   }
 }
 
-template <typename T, int MB, int XPF, int LD, int SYM>
-__device__ __forceinline__ void load_chunk(Chunk<MB, XPF>& ch, const Params& p, const Lane<T, MB>& ln, int c) {
-  ch.w = load_codes<LD>(ln.w + c * 32);
-  const int group = min((c * kChunkK + ln.pos0) >> p.group_shift, p.num_groups - 1);  // padding: last group
-  ch.s = __ldg(ln.s + group * 8);
-  if constexpr (!SYM) ch.z = __ldg(ln.z + group * 8);
-  if constexpr (XPF != 0) load_x<T, MB>(ch.x, p, ln, c);
-}
-
-template <typename T, int MB, int XPF, int SA, int SYM>
-__device__ __forceinline__ void compute_chunk(const Chunk<MB, XPF>& ch, const Params& p, const Lane<T, MB>& ln,
-                                              int c, float (&total)[MB][4]) {
-  uint4 xv[MB][2];
-  if constexpr (XPF != 0) {
-#pragma unroll
-    for (int j = 0; j < MB; ++j) {
-      xv[j][0] = ch.x[j][0];
-      xv[j][1] = ch.x[j][1];
-    }
-  } else {
-    load_x<T, MB>(xv, p, ln, c);
-  }
-  // the scales are stored in the checkpoint's dtype (p.scales_bf16), whatever the activations' dtype
-  const float s_lo = scale_to_float(ch.s & 0xFFFFu, p.scales_bf16);
-  const float s_hi = scale_to_float(ch.s >> 16, p.scales_bf16);
-  const Consts<T> k = make_consts<T, SYM>(s_lo, s_hi, SYM ? 0u : ch.z);
-  const uint32_t words[4] = {ch.w.x, ch.w.y, ch.w.z, ch.w.w};
-  float acc[MB][4];
-#pragma unroll
-  for (int j = 0; j < MB; ++j) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) acc[j][r] = 0.f;
-  }
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    uint32_t a[4];
-    dequant<T, SA>(words[s], k, a);
-#pragma unroll
-    for (int j = 0; j < MB; ++j) {
-      const uint4& x = xv[j][s >> 1];
-      const uint32_t b0 = (s & 1) ? x.z : x.x;
-      const uint32_t b1 = (s & 1) ? x.w : x.y;
-      Ops<T>::mma(SA ? acc[j] : total[j], a, b0, b1);
-    }
-  }
-  if constexpr (SA != 0) {
-    // one group per chunk: y += s * sum x (q - z), in fp32 (rows 0, 1: column g; 2, 3: g + 8)
-#pragma unroll
-    for (int j = 0; j < MB; ++j) {
-      total[j][0] = fmaf(acc[j][0], s_lo, total[j][0]);
-      total[j][1] = fmaf(acc[j][1], s_lo, total[j][1]);
-      total[j][2] = fmaf(acc[j][2], s_hi, total[j][2]);
-      total[j][3] = fmaf(acc[j][3], s_hi, total[j][3]);
-    }
-  }
-}
-
-
-// MB: blocks of 8 activation rows (1: M <= 8, 2: M <= 16); U: chunks per warp per batch;
-// PF: issue the next batch's loads before multiplying the current one; SYM: zero = 8 everywhere.
-template <typename T, int MB, int U, int PF, int XPF, int LD, int SA, int SYM>
+// NT: 16-column m-tiles per warp (tile = 16 NT columns); MB: blocks of 8 activation rows (1: M <= 8,
+// 2: M <= 16); U: chunks per warp per batch; PF: issue the next batch's loads before multiplying
+// the current one; LD: code load mode; SA: scale on the accumulator; SYM: zero = 8 everywhere.
+template <typename T, int NT, int MB, int U, int PF, int LD, int SA, int SYM>
 __global__ void __launch_bounds__(256) mma_int4_kernel(const Params p) {
-  __shared__ float red[kMaxWarps * MB * 8 * kTileN];
+  constexpr int kTileN = 16 * NT;
+  constexpr int kRows = MB * 8;
+  __shared__ float red[kMaxWarps * kRows * kTileN];
   __shared__ int is_last;
 
   const int warps = blockDim.x >> 5;
@@ -350,10 +428,11 @@ __global__ void __launch_bounds__(256) mma_int4_kernel(const Params p) {
   const int c_end = min(c_begin + p.chunks_per_split, p.num_chunks);
 
   Lane<T, MB> ln;
-  ln.w = p.w + static_cast<int64_t>(tile) * p.num_chunks * 32 + lane;
-  ln.s = p.scales + static_cast<int64_t>(tile) * p.num_groups * 8 + g;
-  ln.z = SYM ? nullptr : p.zeros + static_cast<int64_t>(tile) * p.num_groups * 8 + g;
+  ln.col0 = tile * kTileN + 2 * NT * g;
+  ln.col_ok = ln.col0 < p.N;
+  ln.row0 = 2 * t;
   ln.pos0 = 16 * t;
+  ln.w = p.qweight + static_cast<int64_t>(ln.row0) * p.N + (ln.col_ok ? ln.col0 : 0);
 #pragma unroll
   for (int j = 0; j < MB; ++j) {
     const int m = g + 8 * j;
@@ -361,11 +440,14 @@ __global__ void __launch_bounds__(256) mma_int4_kernel(const Params p) {
     ln.x[j] = static_cast<const T*>(p.x) + static_cast<int64_t>(ln.row_ok[j] ? m : 0) * p.stride_xm + ln.pos0;
   }
 
-  float total[MB][4];
+  float total[NT][MB][4];
 #pragma unroll
-  for (int j = 0; j < MB; ++j) {
+  for (int i = 0; i < NT; ++i) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) total[j][r] = 0.f;
+    for (int j = 0; j < MB; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) total[i][j][r] = 0.f;
+    }
   }
 
   const int stride = U * warps;
@@ -376,31 +458,35 @@ __global__ void __launch_bounds__(256) mma_int4_kernel(const Params p) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c_begin + warp + u * warps;
-      if (c < c_end) prefetch_l2(ln.w + c * 32);
+      if (c < c_end && ln.col_ok) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (c * 8 + ln.row0 + h < p.rows) prefetch_l2(ln.w + static_cast<int64_t>(c * 8 + h) * p.N);
+        }
+      }
     }
     grid_dependency_wait();
   }
   // Chunks past the range are neither loaded nor multiplied (their registers are left as they are).
   if constexpr (PF != 0) {
-    Chunk<MB, XPF> cur[U];
+    Chunk<NT, MB> cur[U];
     int base = c_begin + warp;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = base + u * warps;
-      if (c < c_end) load_chunk<T, MB, XPF, LD, SYM>(cur[u], p, ln, c);
+      if (c < c_end) load_chunk<T, NT, MB, LD, SYM>(cur[u], p, ln, c);
     }
 #pragma unroll 1
     for (; base < c_end; base += stride) {
-      Chunk<MB, XPF> nxt[U];
+      Chunk<NT, MB> nxt[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int c = base + stride + u * warps;
-        if (c < c_end) load_chunk<T, MB, XPF, LD, SYM>(nxt[u], p, ln, c);
+        if (c < c_end) load_chunk<T, NT, MB, LD, SYM>(nxt[u], p, ln, c);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int c = base + u * warps;
-        if (c < c_end) compute_chunk<T, MB, XPF, SA, SYM>(cur[u], p, ln, c, total);
+        if (base + u * warps < c_end) compute_chunk<T, NT, MB, SA, SYM>(cur[u], p, total);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) cur[u] = nxt[u];
@@ -408,31 +494,33 @@ __global__ void __launch_bounds__(256) mma_int4_kernel(const Params p) {
   } else {
 #pragma unroll 1
     for (int base = c_begin + warp; base < c_end; base += stride) {
-      Chunk<MB, XPF> cur[U];
+      Chunk<NT, MB> cur[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int c = base + u * warps;
-        if (c < c_end) load_chunk<T, MB, XPF, LD, SYM>(cur[u], p, ln, c);
+        if (c < c_end) load_chunk<T, NT, MB, LD, SYM>(cur[u], p, ln, c);
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int c = base + u * warps;
-        if (c < c_end) compute_chunk<T, MB, XPF, SA, SYM>(cur[u], p, ln, c, total);
+        if (base + u * warps < c_end) compute_chunk<T, NT, MB, SA, SYM>(cur[u], p, total);
       }
     }
   }
 
   if (p.pdl) launch_dependents();
 
-  // accumulator (row n of the tile, column m): c0, c1 = (g, 2t), (g, 2t+1); c2, c3 = (g+8, 2t), (g+8, 2t+1)
-  constexpr int kRows = MB * 8;
+  // accumulator of m-tile i (A row, B column): c0, c1 = (g, 2t), (g, 2t+1); c2, c3 = (g+8, 2t),
+  // (g+8, 2t+1); A row g is column 2 NT g + 2i of the tile, row g + 8 the column after it
 #pragma unroll
-  for (int j = 0; j < MB; ++j) {
+  for (int i = 0; i < NT; ++i) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int m = 8 * j + 2 * t + (r & 1);
-      const int n = g + 8 * (r >> 1);
-      red[(warp * kRows + m) * kTileN + n] = total[j][r];
+    for (int j = 0; j < MB; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int m = 8 * j + 2 * t + (r & 1);
+        const int n = 2 * NT * g + 2 * i + (r >> 1);
+        red[(warp * kRows + m) * kTileN + n] = total[i][j][r];
+      }
     }
   }
   __syncthreads();
@@ -505,36 +593,46 @@ void launch_kernel(Kernel kernel, bool pdl, dim3 grid, dim3 block, cudaStream_t 
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
 }
 
-template <typename T, int MB, int U, int PF, int XPF, int LD, int SA>
+template <typename T, int NT, int MB, int U, int PF, int LD, int SA>
 void launch_sym(bool symmetric, dim3 grid, dim3 block, cudaStream_t stream, const Params& p) {
   if (symmetric) {
-    launch_kernel(mma_int4_kernel<T, MB, U, PF, XPF, LD, SA, 1>, p.pdl != 0, grid, block, stream, p);
+    launch_kernel(mma_int4_kernel<T, NT, MB, U, PF, LD, SA, 1>, p.pdl != 0, grid, block, stream, p);
   } else {
-    launch_kernel(mma_int4_kernel<T, MB, U, PF, XPF, LD, SA, 0>, p.pdl != 0, grid, block, stream, p);
+    launch_kernel(mma_int4_kernel<T, NT, MB, U, PF, LD, SA, 0>, p.pdl != 0, grid, block, stream, p);
   }
 }
 
-// The instantiated variants (id, chunks per batch U, prefetch PF, activations prefetched XPF, code
-// load mode LD); mma.py lists the same table (VARIANTS).
+// The instantiated variants (id, m-tiles per warp NT, chunks per batch U, prefetch PF, code load
+// mode LD); mma.py lists the same table (VARIANTS).
 #define NQ_MMA_VARIANTS(X) \
-  X(0, 1, 1, 1, 1)         \
-  X(1, 2, 1, 1, 1)         \
-  X(2, 4, 0, 1, 1)         \
-  X(3, 2, 0, 1, 1)         \
-  X(4, 6, 0, 1, 1)         \
-  X(5, 4, 0, 1, 2)
+  X(0, 1, 2, 0, 2)         \
+  X(1, 1, 4, 0, 2)         \
+  X(2, 1, 2, 1, 2)         \
+  X(3, 2, 1, 1, 2)         \
+  X(4, 2, 2, 0, 2)         \
+  X(5, 2, 1, 0, 2)         \
+  X(6, 1, 2, 0, 1)
+
+// Columns per block of a variant (0: no such variant).
+inline int variant_tile_n(int variant) {
+#define NQ_MMA_TILE_N(id, NT, U, PF, LD) \
+  if (variant == id) return 16 * NT;
+  NQ_MMA_VARIANTS(NQ_MMA_TILE_N)
+#undef NQ_MMA_TILE_N
+  return 0;
+}
 
 // SA: every chunk lies in one group (group length a multiple of 64), so the scale multiplies the
 // fp32 accumulator once per chunk instead of every weight.
 template <typename T, int MB>
 void launch_variant(int variant, bool one_group_per_chunk, bool symmetric, dim3 grid, dim3 block,
                     cudaStream_t stream, const Params& p) {
-#define NQ_MMA_CASE(id, U, PF, XPF, LD)                                               \
+#define NQ_MMA_CASE(id, NT, U, PF, LD)                                                \
   case id:                                                                            \
     if (one_group_per_chunk) {                                                        \
-      launch_sym<T, MB, U, PF, XPF, LD, 1>(symmetric, grid, block, stream, p);        \
+      launch_sym<T, NT, MB, U, PF, LD, 1>(symmetric, grid, block, stream, p);         \
     } else {                                                                          \
-      launch_sym<T, MB, U, PF, XPF, LD, 0>(symmetric, grid, block, stream, p);        \
+      launch_sym<T, NT, MB, U, PF, LD, 0>(symmetric, grid, block, stream, p);         \
     }                                                                                 \
     break;
   switch (variant) {
@@ -548,7 +646,7 @@ void launch_variant(int variant, bool one_group_per_chunk, bool symmetric, dim3 
 template <typename T>
 void launch_typed(int block_m, int variant, bool symmetric, dim3 grid, dim3 block, cudaStream_t stream,
                   const Params& p) {
-  const bool one_group_per_chunk = p.group_size % kChunkK == 0;
+  const bool one_group_per_chunk = p.group_shift >= 6;
   if (block_m <= 8) {
     launch_variant<T, 1>(variant, one_group_per_chunk, symmetric, grid, block, stream, p);
   } else {

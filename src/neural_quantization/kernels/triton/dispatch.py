@@ -16,10 +16,11 @@ Strategies (one file each in this package):
   units (8 packed rows × 128 columns) per warp, ``split_k`` = the resulting blocks along K,
   ``variant`` = 1 where the next unit's loads are issued before the current unit is consumed;
 * ``cuda_mma`` ``kernels/cuda/mma_int4.cu``: the CUDA C++ tensor-core kernel for M ≤ 16, 4-bit
-  weights, on the load-time repacked layout of ``kernels/cuda/mma.py`` (a candidate where that
-  layout was passed and the extension built). Its config reads ``block_m`` = rows instantiated
-  (8, 16), ``num_warps`` = warps per block (one 16-column tile per block), ``split_k`` = blocks
-  along K, ``variant`` = index into ``mma.VARIANTS`` (chunks per batch, prefetch, …).
+  weights with 16-bit scales, reading the kernel-order GPTQ tensors directly (``kernels/cuda/mma.py``;
+  a candidate on sm_80+ where the extension built). Its config reads ``block_m`` = rows
+  instantiated (8, 16), ``block_n`` = columns per block (16 or 32, from the variant),
+  ``num_warps`` = warps per block, ``split_k`` = blocks along K, ``variant`` = index into
+  ``mma.VARIANTS`` (m-tiles per warp, chunks per batch, prefetch, …).
 
 ``gemv_rows`` and ``dot_slices`` need every tile inside one quantization group; the others run any
 group length. The call path of a prepared layer is :class:`PreparedMatmul`: everything a launch
@@ -27,7 +28,7 @@ needs is resolved once per (layer, M, dtype, alignment) and later calls only all
 and launch the compiled kernel.
 
 The choice is cached per key ``(device, M bucket, K, N, dtype, bits, group mode, symmetric,
-act-order, repacked layout present)`` with M buckets 1, 2, 4, 8, 16, 32, 64, … (next power of two). A missing key is tuned on
+act-order)`` with M buckets 1, 2, 4, 8, 16, 32, 64, … (next power of two). A missing key is tuned on
 the spot when that is safe (an eager call on CUDA, not inside a graph capture or a torch.compile
 trace, and ``NQ_KERNEL_AUTOTUNE`` not set to 0): every candidate is timed in a private CUDA graph
 of back-to-back launches and the fastest is kept. Where tuning is not safe the heuristic
@@ -201,17 +202,13 @@ def launch(
     group_size: int,
     in_features: int,
     symmetric: bool,
-    mma=None,
 ) -> torch.Tensor:
-    """``y = x2d[:, perm] @ W^T + bias`` (M, N) in x2d's dtype, with one strategy and tiling.
-
-    ``mma``: the layer's ``kernels.cuda.mma.MmaLayout`` (needed by the ``cuda_mma`` strategy only).
-    """
+    """``y = x2d[:, perm] @ W^T + bias`` (M, N) in x2d's dtype, with one strategy and tiling."""
     M, K, N = x2d.shape[0], in_features, qweight.shape[1]
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     if config.strategy == "cuda_mma":
-        return _cuda_mma_call(config, x2d, mma, perm, bias)
+        return _cuda_mma_call(config, x2d, qweight, qzeros, scales, perm, bias, group_size, K, symmetric)
     if config.strategy == "dequant":
         return _dequant_matmul(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, K, symmetric)
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
@@ -316,7 +313,7 @@ def cuda_gemv_configs(M: int, K: int, N: int, bits: int, group_size: int) -> lis
 
 
 # ---------------------------------------------------------------------------------------------
-# the CUDA C++ tensor-core kernel (kernels/cuda/mma_int4.cu) on the repacked layout
+# the CUDA C++ tensor-core kernel (kernels/cuda/mma_int4.cu) on the kernel-order GPTQ tensors
 def cuda_mma_ready(device: torch.device | str = "cuda") -> bool:
     """Whether the ``cuda_mma`` strategy can run on ``device`` (builds the extension on the first call)."""
     device = torch.device(device)
@@ -327,52 +324,68 @@ def cuda_mma_ready(device: torch.device | str = "cuda") -> bool:
     return mma.device_supported(device) and extension.available()
 
 
+def _cuda_mma_loaded(device: torch.device) -> bool:
+    """``cuda_mma_ready`` without building: the extension is already loaded (safe inside a capture)."""
+    from neural_quantization.kernels.cuda import extension, mma
+
+    return device.type == "cuda" and extension.loaded() and mma.device_supported(device)
+
+
 def pdl_enabled() -> bool:
     """Launch ``cuda_mma`` as a programmatic dependent launch (sm_90+; ``NQ_PDL=0`` turns it off):
     the kernel fetches its first codes into L2 while the kernel before it finishes."""
     return os.environ.get("NQ_PDL", "1") not in ("0", "false", "False", "")
 
 
-def _cuda_mma_args(config: LaunchConfig, mma, device: torch.device):
-    """(tickets, splits, pdl) of a ``cuda_mma`` launch."""
+def _cuda_mma_args(config: LaunchConfig, N: int, dummy: torch.Tensor):
+    """(tickets, splits, pdl) of a ``cuda_mma`` launch (``dummy`` stands in for absent tickets)."""
+    from neural_quantization.kernels.cuda import mma
+
     splits = config.split_k
-    tickets = _tickets(device, mma.tiles) if splits > 1 else None
+    tickets = _tickets(dummy.device, mma.tiles(config.variant, N)) if splits > 1 else None
     if tickets is None:  # one block along K (also inside a capture without counters)
         splits = 1
-        tickets = mma.wq
-    pdl = pdl_enabled() and torch.cuda.get_device_capability(device)[0] >= 9
+        tickets = dummy
+    pdl = pdl_enabled() and torch.cuda.get_device_capability(dummy.device)[0] >= 9
     return tickets, splits, pdl
 
 
-def _cuda_mma_call(config, x2d, mma, perm, bias):
-    from neural_quantization.kernels.cuda import mma as cuda_mma
+def _cuda_mma_call(config, x2d, qweight, qzeros, scales, perm, bias, group_size, K, symmetric):
+    from neural_quantization.kernels.cuda import mma
 
-    if mma is None or x2d.shape[0] > config.block_m:
-        raise ValueError(f"{config.describe()} needs the repacked layout and M <= {config.block_m}")
-    tickets, splits, pdl = _cuda_mma_args(config, mma, x2d.device)
-    return cuda_mma.mma_int4(x2d, mma, perm, bias, tickets, config.block_m, config.num_warps, config.variant, splits,
-                             pdl)
-
-
-#: the variants the tuner tries (1 never won on H100; see docs/kernels.md)
-_CUDA_MMA_TUNED_VARIANTS = (0, 2, 3, 4, 5)
+    if x2d.shape[0] > config.block_m:
+        raise ValueError(f"{config.describe()} runs M <= {config.block_m}")
+    tickets, splits, pdl = _cuda_mma_args(config, qweight.shape[1], qweight)
+    return mma.mma_int4(x2d, qweight, qzeros, scales, symmetric, perm, bias, tickets, group_size, K, config.block_m,
+                        config.num_warps, config.variant, splits, pdl)
 
 
-def cuda_mma_configs(M: int, K: int, N: int, bits: int, group_size: int, sm_count: int) -> list[LaunchConfig]:
+
+def _cuda_mma_config(block_m: int, variant: int, split: int, warps: int) -> LaunchConfig:
+    from neural_quantization.kernels.cuda import mma
+
+    return LaunchConfig("cuda_mma", block_m, mma.tile_n(variant), mma.CHUNK_K, split, warps,
+                        mma.VARIANTS[variant][1], variant)
+
+
+def cuda_mma_configs(M: int, K: int, N: int, bits: int, group_size: int, sm_count: int,
+                     scale_dtype: torch.dtype = torch.float16) -> list[LaunchConfig]:
     """``cuda_mma`` candidates for this shape (empty where the kernel does not run it)."""
     from neural_quantization.kernels.cuda import mma
 
     block_m = mma.block_m_for(M)
-    if block_m is None or not mma.supports(M, K, N, bits, group_size):
+    if block_m is None or not mma.supports(M, K, N, bits, group_size, scale_dtype):
         return []
-    tiles, chunks = triton.cdiv(N, mma.TILE_N), triton.cdiv(K, mma.CHUNK_K)
-    splits = [1] + [s for s in (2, 4, 8) if s <= chunks and tiles * s <= 4 * sm_count]
+    chunks = triton.cdiv(K, mma.CHUNK_K)
     found = []
-    for warps in (4, 8):
-        for variant in _CUDA_MMA_TUNED_VARIANTS:
+    for variant in range(len(mma.VARIANTS)):
+        if not mma.variant_supports(variant, N):
+            continue
+        tiles = mma.tiles(variant, N)
+        splits = [1] + [s for s in (2, 4, 8) if s <= chunks and tiles * s <= 4 * sm_count]
+        for warps in (4, 8):
             for split in splits:
-                found.append(LaunchConfig("cuda_mma", block_m, mma.TILE_N, mma.CHUNK_K, split, warps,
-                                          mma.VARIANTS[variant][0], variant))
+                found.append(_cuda_mma_config(block_m, variant, split, warps))
     return found
 
 
@@ -394,12 +407,13 @@ def _fit_block_k(block_k: int, group_size: int) -> int:
 
 
 def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int, group_size: int = 1 << 30,
-                      cuda_kernels: bool = False, cuda_mma: bool = False) -> list[LaunchConfig]:
+                      cuda_kernels: bool = False, cuda_mma: bool = False,
+                      scale_dtype: torch.dtype = torch.float16) -> list[LaunchConfig]:
     """The configurations tuning tries for this shape (every one computes the same function).
 
     ``cuda_kernels``: include the CUDA C++ GEMV (pass ``cuda_gemv_ready()``; False on the CPU);
-    ``cuda_mma``: include the tensor-core kernel (the layer has its repacked layout and
-    ``cuda_mma_ready()``).
+    ``cuda_mma``: include the tensor-core kernel (pass ``cuda_mma_ready()``; it also needs 16-bit
+    ``scale_dtype``).
     """
     bucket = m_bucket(M)
     per_word = 32 // bits
@@ -442,26 +456,26 @@ def candidate_configs(M: int, K: int, N: int, bits: int, sm_count: int, group_si
     if cuda_kernels:
         found.extend(cuda_gemv_configs(M, K, N, bits, group_size))
     if cuda_mma:
-        found.extend(cuda_mma_configs(M, K, N, bits, group_size, sm_count))
+        found.extend(cuda_mma_configs(M, K, N, bits, group_size, sm_count, scale_dtype))
     return found
 
 
 def default_config(M: int, K: int, N: int, bits: int, sm_count: int, group_size: int = 1 << 30,
-                   cuda_mma: bool = False) -> LaunchConfig:
+                   cuda_mma: bool = False, scale_dtype: torch.dtype = torch.float16) -> LaunchConfig:
     """The untuned choice (inside a capture or compile trace, or with autotuning off).
 
-    ``cuda_mma``: the repacked layout exists and the extension is loaded; then the tensor-core kernel
-    serves M ≤ 16 (8 warps, 4 chunks per batch, split along K only for narrow layers).
+    ``cuda_mma``: the extension is loaded on an sm_80+ device; then the tensor-core kernel serves
+    M ≤ 16 (``mma.DEFAULT_VARIANT``, 8 warps, split along K only for narrow layers).
     """
     if cuda_mma:
         from neural_quantization.kernels.cuda import mma
 
         block_m = mma.block_m_for(M)
-        if block_m is not None and mma.supports(M, K, N, bits, group_size):
-            tiles, chunks = triton.cdiv(N, mma.TILE_N), triton.cdiv(K, mma.CHUNK_K)
+        variant = mma.DEFAULT_VARIANT if mma.variant_supports(mma.DEFAULT_VARIANT, N) else 0
+        if block_m is not None and mma.supports(M, K, N, bits, group_size, scale_dtype):
+            tiles, chunks = mma.tiles(variant, N), triton.cdiv(K, mma.CHUNK_K)
             split = max(1, min(8, chunks, (2 * sm_count) // max(tiles, 1)))
-            return LaunchConfig("cuda_mma", block_m, mma.TILE_N, mma.CHUNK_K, split, 8,
-                                mma.VARIANTS[mma.DEFAULT_VARIANT][0], mma.DEFAULT_VARIANT)
+            return _cuda_mma_config(block_m, variant, split, 8)
     bucket = m_bucket(M)
     per_word = 32 // bits
     if bucket == 1:
@@ -485,17 +499,16 @@ _TUNING_ROTATION_BYTES = 128 * 1024 * 1024
 TUNING_LOG: list[dict] = []
 
 
-def _key(x2d, K, N, bits, group_size, symmetric, has_perm, has_mma=False):
+def _key(x2d, K, N, bits, group_size, symmetric, has_perm):
     device = x2d.device
-    return (str(device), m_bucket(x2d.shape[0]), K, N, str(x2d.dtype), bits, group_size, symmetric, has_perm,
-            has_mma)
+    return (str(device), m_bucket(x2d.shape[0]), K, N, str(x2d.dtype), bits, group_size, symmetric, has_perm)
 
 
 def autotune_enabled() -> bool:
     return os.environ.get("NQ_KERNEL_AUTOTUNE", "1") not in ("0", "false", "False", "")
 
 
-def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma=None) -> LaunchConfig:
+def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric) -> LaunchConfig:
     """Time every candidate on these inputs (eagerly, CUDA only) and cache the fastest.
 
     The weights are cloned into enough copies to exceed the L2 cache and the timed graph cycles
@@ -505,17 +518,18 @@ def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features
     sm_count = _sm_count(x2d.device)
     _tickets(x2d.device, 1 << 16)
     layer_bytes = sum(t.numel() * t.element_size() for t in (qweight, qzeros, scales))
-    copies = [(qweight, qzeros, scales, mma)] + [
-        (qweight.clone(), qzeros.clone(), scales.clone(), None if mma is None else mma.clone())
+    copies = [(qweight, qzeros, scales)] + [
+        (qweight.clone(), qzeros.clone(), scales.clone())
         for _ in range(min(9, _TUNING_ROTATION_BYTES // max(layer_bytes, 1)))
     ]
     best, best_time, timings = None, float("inf"), {}
     cuda_kernels = bits == 4 and M <= 2 and cuda_gemv_ready(x2d.device.type)
-    with_mma = mma is not None and M <= 16 and cuda_mma_ready(x2d.device)
-    for config in candidate_configs(M, in_features, N, bits, sm_count, group_size, cuda_kernels, with_mma):
+    with_mma = bits == 4 and M <= 16 and cuda_mma_ready(x2d.device)
+    for config in candidate_configs(M, in_features, N, bits, sm_count, group_size, cuda_kernels, with_mma,
+                                    scales.dtype):
         launches = [
             (lambda config=config, w=w: launch(config, x2d, w[0], w[1], w[2], perm, bias, bits, group_size,
-                                               in_features, symmetric, w[3]))
+                                               in_features, symmetric))
             for w in copies
         ]
         try:
@@ -530,39 +544,35 @@ def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features
             best, best_time = config, elapsed
     if best is None:
         best = default_config(M, in_features, N, bits, sm_count, group_size)
-    key = _key(x2d, in_features, N, bits, group_size, symmetric, perm is not None, mma is not None)
+    key = _key(x2d, in_features, N, bits, group_size, symmetric, perm is not None)
     _TUNED[key] = best
     TUNING_LOG.append({"key": list(map(str, key)), "best": best.describe(), "best_us": round(best_time, 2),
                        "timings_us": timings})
     return best
 
 
-def select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma=None):
+def select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric):
     """The cached choice for this shape, tuning it first when that is safe (see module docstring)."""
-    key = _key(x2d, in_features, qweight.shape[1], bits, group_size, symmetric, perm is not None, mma is not None)
+    key = _key(x2d, in_features, qweight.shape[1], bits, group_size, symmetric, perm is not None)
     config = _TUNED.get(key)
     if config is not None:
         return config
     device = x2d.device
     compiling = torch.compiler.is_compiling()
     if device.type == "cuda" and autotune_enabled() and not compiling and not _capturing(device):
-        return tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma)
-    from neural_quantization.kernels.cuda import extension
-
+        return tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
     # the heuristic may take the tensor-core kernel only where the extension is already loaded
     # (building it inside a capture or a trace is not an option)
-    mma_loaded = mma is not None and device.type == "cuda" and extension.loaded()
     return default_config(x2d.shape[0], in_features, qweight.shape[1], bits, _sm_count(device), group_size,
-                          mma_loaded)
+                          _cuda_mma_loaded(device), scales.dtype)
 
 
 def run(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric,
-        config: LaunchConfig | None = None, mma=None) -> torch.Tensor:
+        config: LaunchConfig | None = None) -> torch.Tensor:
     """Dispatch one quantized matmul (``config`` forces a choice, for tests and benchmarks)."""
     if config is None:
-        config = select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric,
-                               mma)
-    return launch(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma)
+        config = select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
+    return launch(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
 
 
 def export_tuning(path: str) -> None:
@@ -584,10 +594,9 @@ def import_tuning(path: str) -> int:
             continue  # tuned where the CUDA extension built; the heuristic serves here instead
         if strategy == "cuda_mma" and not cuda_mma_ready(device):
             continue
-        key = row["key"]
-        has_mma = len(key) > 9 and key[9] in (True, "True")
+        key = row["key"]  # files of earlier versions may carry a 10th field (a repacked layout): ignored
         key = (key[0], int(key[1]), int(key[2]), int(key[3]), key[4], int(key[5]), int(key[6]), key[7] in (True, "True"),
-               key[8] in (True, "True"), has_mma)
+               key[8] in (True, "True"))
         _TUNED[key] = LaunchConfig(**row["config"])
         loaded += 1
     return loaded
@@ -615,9 +624,8 @@ class PreparedMatmul:
     kept. Safe inside CUDA graph capture once resolved; under ``torch.compile`` use the custom op.
     """
 
-    def __init__(self, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric, mma=None):
+    def __init__(self, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric):
         self.qweight, self.qzeros, self.scales, self.perm, self.bias = qweight, qzeros, scales, perm, bias
-        self.mma = mma  # kernels.cuda.mma.MmaLayout of this layer, or None
         self.bits, self.group_size, self.in_features, self.symmetric = bits, group_size, in_features, symmetric
         self.out_features = qweight.shape[1]
         self.device = qweight.device
@@ -639,11 +647,11 @@ class PreparedMatmul:
 
     def config_for(self, x2d: torch.Tensor) -> LaunchConfig:
         return select_config(x2d, self.qweight, self.qzeros, self.scales, self.perm, self.bias, self.bits,
-                             self.group_size, self.in_features, self.symmetric, self.mma)
+                             self.group_size, self.in_features, self.symmetric)
 
     def _generic(self, config):
         args = (self.qweight, self.qzeros, self.scales, self.perm, self.bias, self.bits, self.group_size,
-                self.in_features, self.symmetric, self.mma)
+                self.in_features, self.symmetric)
         return lambda x2d: launch(config, x2d, *args)
 
     def _resolve(self, x2d: torch.Tensor, key: tuple):
@@ -680,12 +688,13 @@ class PreparedMatmul:
         """The extension function with every argument but x bound (``cuda_mma``)."""
         from neural_quantization.kernels.cuda import extension
 
+        from neural_quantization.kernels.cuda import mma
+
         module = extension.load()
-        mma = self.mma
-        tickets, splits, pdl = _cuda_mma_args(config, mma, x2d.device)
-        args = (mma.wq, mma.scales, mma.zeros, self.perm, self.bias, tickets, mma.group_size, mma.in_features,
-                mma.out_features, config.block_m, config.num_warps, config.variant, splits, pdl,
-                mma.scale_dtype == torch.bfloat16)
+        tickets, splits, pdl = _cuda_mma_args(config, self.out_features, self.qweight)
+        args = (self.qweight, self.scales, self.qzeros, self.symmetric, self.perm, self.bias, tickets,
+                mma.group_length(self.group_size, self.in_features), self.in_features, config.block_m,
+                config.num_warps, config.variant, splits, pdl)
         function = module.mma_int4
         self.direct_status = "direct"
         return lambda x2d: function(x2d, *args)

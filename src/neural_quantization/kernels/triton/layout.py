@@ -13,9 +13,6 @@ and each call gathers ``x[:, perm]`` inside the kernel (no extra launch). ``scal
 are indexed by group and stay as they are. Symmetric layers (every stored zero equals
 ``2**(bits-1) - 1``) are flagged so the kernels skip loading zeros.
 
-For 4-bit layers on GPUs that run it, the codes are also repacked for the tensor-core CUDA kernel
-(``kernels/cuda/mma.py``; about as many bytes again as ``qweight``).
-
 Preparation synchronizes with the device (it inspects ``g_idx`` and the zeros), so it must run
 eagerly, before any CUDA graph capture; ``QuantLinear`` does it on its first eager CUDA forward.
 """
@@ -39,15 +36,12 @@ class KernelLayout:
     perm: (K,) int32, input column of each kernel position, or None when the order is unchanged
     group_size: length of the contiguous groups in kernel order (≥ K for per-channel layers)
     symmetric: every zero point is 2**(bits-1)
-    mma: the same codes repacked for the tensor-core CUDA kernel (``kernels/cuda/mma.py``), built
-        for 4-bit layers on GPUs that run it (compute capability ≥ 8.0), else None
     """
 
     qweight: torch.Tensor
     perm: torch.Tensor | None
     group_size: int
     symmetric: bool
-    mma: object | None = None
 
 
 def supports(bits: int) -> bool:
@@ -91,16 +85,4 @@ def prepare_kernel_layout(
         perm = perm.to(torch.int32).contiguous()
     stored_zeros = unpack(qzeros, bits, out_features, dim=1)
     symmetric = bool((stored_zeros == (1 << (bits - 1)) - 1).all())
-    kernel_qweight = kernel_qweight.contiguous()
-    return KernelLayout(kernel_qweight, perm, group_size, symmetric,
-                        _mma_layout(kernel_qweight, qzeros, scales, bits, in_features, group_size, symmetric))
-
-
-def _mma_layout(kernel_qweight, qzeros, scales, bits, in_features, group_size, symmetric):
-    """The tensor-core kernel's repack where it can run (CUDA, sm_80+, 4 bits, not disabled)."""
-    from neural_quantization.kernels.cuda import extension, mma
-
-    if bits != 4 or not kernel_qweight.is_cuda or not extension.enabled() or \
-            not mma.device_supported(kernel_qweight.device):
-        return None
-    return mma.repack(kernel_qweight, qzeros, scales, in_features, group_size, symmetric)
+    return KernelLayout(kernel_qweight.contiguous(), perm, group_size, symmetric)
