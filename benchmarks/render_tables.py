@@ -3,6 +3,8 @@
     python benchmarks/render_tables.py quality benchmarks/results/quality_smollm2-135m.json
     python benchmarks/render_tables.py calibration benchmarks/results/calibration_languages_gemma3-270m.json
     python benchmarks/render_tables.py kernels benchmarks/results/kernels_h100.json
+    python benchmarks/render_tables.py kernel_shapes benchmarks/results/kernels_h100.json
+    python benchmarks/render_tables.py kernels_tinygemm benchmarks/results/kernels_h100_bf16.json
     python benchmarks/render_tables.py e2e benchmarks/results/e2e_h100.json
     python benchmarks/render_tables.py e2e benchmarks/results/e2e_h100_compiled.json
     python benchmarks/render_tables.py speed benchmarks/results/quantize_speed_h100.json \
@@ -105,6 +107,39 @@ def kernels(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def kernel_shapes(document: dict[str, Any], batch_sizes: tuple[int, ...] = (1, 8, 16)) -> str:
+    """One row per (shape, M) with the tuner's pick, for M in ``batch_sizes``."""
+    lines = [
+        "| shape | M | dense µs | ours µs | ratio | no-PDL µs | no-PDL ratio | GB/s | config |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in document["results"]:
+        if r["M"] in batch_sizes:
+            nopdl = r.get("ours_nopdl_graph_us", r["ours_graph_us"])
+            lines.append(
+                f"| {r['shape']} | {r['M']} | {r['dense_graph_us']:.1f} | {r['ours_graph_us']:.1f} | "
+                f"{r['ratio_graph']:.2f}× | {nopdl:.1f} | {r['dense_graph_us'] / nopdl:.2f}× | "
+                f"{r['ours_GBps']:.0f} | {r['ours_config']} |"
+            )
+    return "\n".join(lines)
+
+
+def kernels_tinygemm(document: dict[str, Any]) -> str:
+    """Layer sums against cuBLAS and PyTorch's int4 kernel (tinygemm) measured in the same run."""
+    lines = [
+        "| M | dense µs (sum) | ours µs (sum) | ours ratio | no-PDL ratio | tinygemm ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in document["summary"]:
+        tinygemm = r.get("tinygemm_sum_ratio_graph")
+        lines.append(
+            f"| {r['M']} | {r['dense_graph_us']:.1f} | {r['ours_graph_us']:.1f} | {r['sum_ratio_graph']:.2f}× | "
+            f"{r.get('sum_ratio_graph_nopdl', r['sum_ratio_graph']):.2f}× | "
+            + (f"{tinygemm:.2f}× |" if tinygemm else "– |")
+        )
+    return "\n".join(lines)
+
+
 def e2e(document: dict[str, Any]) -> str:
     env = document["environment"]
     lines = [
@@ -179,7 +214,8 @@ def speed(ours: dict[str, Any], llmc: dict[str, Any], one_gpu: dict[str, Any], t
     return "\n".join(lines)
 
 
-RENDERERS = {"quality": quality, "calibration": calibration, "kernels": kernels, "e2e": e2e, "speed": speed}
+RENDERERS = {"quality": quality, "calibration": calibration, "kernels": kernels, "kernel_shapes": kernel_shapes,
+             "kernels_tinygemm": kernels_tinygemm, "e2e": e2e, "speed": speed}
 
 
 def main(argv: list[str]) -> None:

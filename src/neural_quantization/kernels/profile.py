@@ -5,7 +5,7 @@
         --config gemv_rows,1,512,64,8,4,1
 
 ``--config strategy,block_m,block_n,block_k,split_k,num_warps,num_stages[,variant]`` (the fields
-of ``dispatch.LaunchConfig``, e.g. ``cuda_mma,8,16,64,1,8,4,5``); without it the untuned default
+of ``dispatch.LaunchConfig``, e.g. ``cuda_mma,8,32,64,1,8,1,5``); without it the untuned default
 configuration is launched. Prints the time per call (CUDA events, no graph).
 """
 

@@ -13,6 +13,9 @@ and each call gathers ``x[:, perm]`` inside the kernel (no extra launch). ``scal
 are indexed by group and stay as they are. Symmetric layers (every stored zero equals
 ``2**(bits-1) - 1``) are flagged so the kernels skip loading zeros.
 
+The tensor-core CUDA kernel for M ≤ 16 reads these same tensors (``kernels/cuda/mma.py``): no
+layout of its own, no second copy of the weights.
+
 Preparation synchronizes with the device (it inspects ``g_idx`` and the zeros), so it must run
 eagerly, before any CUDA graph capture; ``QuantLinear`` does it on its first eager CUDA forward.
 """
