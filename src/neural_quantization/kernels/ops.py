@@ -170,8 +170,8 @@ def gptq_matmul(
 ) -> torch.Tensor:
     """``y = x[..., perm] @ W^T + bias`` (…, N) with W in kernel order (``kernels/triton/layout.py``).
 
-    ``backend``: "kernels" runs the Triton kernels where they can run (else the reference),
-    "torch" the reference. The split-K counters the kernels use are internal and restored to
+    ``backend``: "kernels" runs our kernels (Triton, and the CUDA ones where they built) where they
+    can run (else the reference), "torch" the reference. The split-K counters the kernels use are internal and restored to
     zero by every launch, so the op is functional.
     """
     out_features = qweight.shape[1]

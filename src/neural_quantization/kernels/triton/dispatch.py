@@ -360,7 +360,6 @@ def _cuda_mma_call(config, x2d, qweight, qzeros, scales, perm, bias, group_size,
                         config.num_warps, config.variant, splits, pdl)
 
 
-
 def _cuda_mma_config(block_m: int, variant: int, split: int, warps: int) -> LaunchConfig:
     from neural_quantization.kernels.cuda import mma
 
