@@ -92,6 +92,31 @@ def load_zero_points_2d(qzeros_ptr, groups, offs_n, n_mask, packed_n, BITS: tl.c
 
 
 @triton.jit
+def split_tiles(pid_k, tiles_per_split, K, BLOCK_K: tl.constexpr):
+    """The tiles ``[begin, end)`` of BLOCK_K positions that split ``pid_k`` of the grid sums."""
+    tile_begin = pid_k * tiles_per_split
+    return tile_begin, tl.minimum(tile_begin + tiles_per_split, tl.cdiv(K, BLOCK_K))
+
+
+@triton.jit
+def load_words_and_sources(qweight_ptr, perm_ptr, tile, offs_r, offs_k, offs_n, n_mask, n_words, N, K,
+                           ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_PERM: tl.constexpr):
+    """One tile in K order: its packed words (ROWS, BLOCK_N) (zero past the edges), its positions
+    ``k`` (BLOCK_K,), their mask, and the input column each position reads (``perm[k]`` with
+    act-order, else ``k``)."""
+    rows = tile * ROWS + offs_r
+    words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
+                    mask=(rows < n_words)[:, None] & n_mask[None, :], other=0)
+    k = tile * BLOCK_K + offs_k
+    k_mask = k < K
+    if HAS_PERM:
+        source = tl.load(perm_ptr + k, mask=k_mask, other=0)
+    else:
+        source = k
+    return words, k, k_mask, source
+
+
+@triton.jit
 def finish_output(acc, out_ptr, bias_ptr, partial_ptr, ticket_ptr, offs_m, offs_n, m_mask, n_mask,
                   M, N, stride_om, pid_k, split_k, lock_id,
                   HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr):

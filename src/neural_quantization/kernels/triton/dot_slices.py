@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from neural_quantization.kernels.triton.common import finish_output, load_zero_points
+from neural_quantization.kernels.triton.common import finish_output, load_zero_points, split_tiles
 
 
 @triton.jit
@@ -76,9 +76,7 @@ def dot_slices_kernel(
     n_mask = offs_n < N
     n_words = (K + P - 1) // P
     packed_n = (N + P - 1) // P
-    num_tiles = tl.cdiv(K, BLOCK_K)
-    tile_begin = pid_k * tiles_per_split
-    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+    tile_begin, tile_end = split_tiles(pid_k, tiles_per_split, K, BLOCK_K)
 
     if SWAP:
         total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)

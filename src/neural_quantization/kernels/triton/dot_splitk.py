@@ -25,8 +25,10 @@ import triton.language as tl
 
 from neural_quantization.kernels.triton.common import (
     finish_output,
+    load_words_and_sources,
     load_zero_points,
     load_zero_points_2d,
+    split_tiles,
     unpack_tile,
 )
 
@@ -53,23 +55,14 @@ def dot_splitk_kernel(
     n_mask = offs_n < N
     n_words = (K + PER_WORD - 1) // PER_WORD
     packed_n = (N + PER_WORD - 1) // PER_WORD
-    num_tiles = tl.cdiv(K, BLOCK_K)
-    tile_begin = pid_k * tiles_per_split
-    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+    tile_begin, tile_end = split_tiles(pid_k, tiles_per_split, K, BLOCK_K)
 
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for tile in range(tile_begin, tile_end):
         k0 = tile * BLOCK_K
-        rows = tile * ROWS + offs_r
-        words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
-                        mask=(rows < n_words)[:, None] & n_mask[None, :], other=0)
-        k = k0 + offs_k
-        k_mask = k < K
-        if HAS_PERM:
-            source = tl.load(perm_ptr + k, mask=k_mask, other=0)
-        else:
-            source = k
+        words, k, k_mask, source = load_words_and_sources(qweight_ptr, perm_ptr, tile, offs_r, offs_k, offs_n, n_mask,
+                                                          n_words, N, K, ROWS, BLOCK_K, HAS_PERM)
         xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + source[None, :],
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         codes = unpack_tile(words, BITS)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from neural_quantization.kernels.triton.common import finish_output, load_zero_points
+from neural_quantization.kernels.triton.common import finish_output, load_zero_points, split_tiles
 
 ONE_F32 = tl.constexpr(0x3F800000)
 
@@ -75,9 +75,7 @@ def gemv_rows_kernel(
     n_mask = offs_n < N
     n_words = (K + P - 1) // P
     packed_n = (N + P - 1) // P
-    num_tiles = tl.cdiv(K, BLOCK_K)
-    tile_begin = pid_k * tiles_per_split
-    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+    tile_begin, tile_end = split_tiles(pid_k, tiles_per_split, K, BLOCK_K)
     x_row = row * stride_xm
 
     total = tl.zeros((BLOCK_N,), tl.float32)
