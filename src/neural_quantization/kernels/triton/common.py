@@ -99,20 +99,26 @@ def split_tiles(pid_k, tiles_per_split, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def load_words_and_sources(qweight_ptr, perm_ptr, tile, offs_r, offs_k, offs_n, n_mask, n_words, N, K,
-                           ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_PERM: tl.constexpr):
-    """One tile in K order: its packed words (ROWS, BLOCK_N) (zero past the edges), its positions
-    ``k`` (BLOCK_K,), their mask, and the input column each position reads (``perm[k]`` with
-    act-order, else ``k``)."""
-    rows = tile * ROWS + offs_r
-    words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
-                    mask=(rows < n_words)[:, None] & n_mask[None, :], other=0)
-    k = tile * BLOCK_K + offs_k
+def input_columns(perm_ptr, k, K, HAS_PERM: tl.constexpr):
+    """(mask k < K, the input column each kernel position k reads: ``perm[k]`` with act-order, else k)."""
     k_mask = k < K
     if HAS_PERM:
         source = tl.load(perm_ptr + k, mask=k_mask, other=0)
     else:
         source = k
+    return k_mask, source
+
+
+@triton.jit
+def load_words_and_sources(qweight_ptr, perm_ptr, tile, offs_r, offs_k, offs_n, n_mask, n_words, N, K,
+                           ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_PERM: tl.constexpr):
+    """One tile in K order: its packed words (ROWS, BLOCK_N) (zero past the edges), its positions
+    ``k`` (BLOCK_K,), their mask, and the input column each position reads (``input_columns``)."""
+    rows = tile * ROWS + offs_r
+    words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
+                    mask=(rows < n_words)[:, None] & n_mask[None, :], other=0)
+    k = tile * BLOCK_K + offs_k
+    k_mask, source = input_columns(perm_ptr, k, K, HAS_PERM)
     return words, k, k_mask, source
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from neural_quantization.kernels.triton.common import finish_output, load_zero_points, split_tiles
+from neural_quantization.kernels.triton.common import finish_output, input_columns, load_zero_points, split_tiles
 
 
 @triton.jit
@@ -103,12 +103,7 @@ def dot_slices_kernel(
         if XSPLIT:
             # one contiguous (BLOCK_M, BLOCK_K) activation load per tile, split into the P slots in
             # registers: x[:, k0 + P·r + j] = xt[:, r, j]
-            k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_mask = k < K
-            if HAS_PERM:
-                source = tl.load(perm_ptr + k, mask=k_mask, other=0)
-            else:
-                source = k
+            k_mask, source = input_columns(perm_ptr, tile * BLOCK_K + tl.arange(0, BLOCK_K), K, HAS_PERM)
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + source[None, :],
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             xt = tl.reshape(xt, (BLOCK_M, ROWS, P))
@@ -152,12 +147,7 @@ def dot_slices_kernel(
                                     DOT_IN_FP32, SWAP)
         else:
             for j in tl.static_range(P):
-                k = tile * BLOCK_K + offs_r * P + j
-                k_mask = k < K
-                if HAS_PERM:
-                    source = tl.load(perm_ptr + k, mask=k_mask, other=0)
-                else:
-                    source = k
+                k_mask, source = input_columns(perm_ptr, tile * BLOCK_K + offs_r * P + j, K, HAS_PERM)
                 if SWAP:
                     xv = tl.load(x_ptr + offs_m[None, :] * stride_xm + source[:, None],
                                  mask=m_mask[None, :] & k_mask[:, None], other=0.0)  # (ROWS, BLOCK_M)

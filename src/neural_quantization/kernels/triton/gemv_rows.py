@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from neural_quantization.kernels.triton.common import finish_output, load_zero_points, split_tiles
+from neural_quantization.kernels.triton.common import finish_output, input_columns, load_zero_points, split_tiles
 
 ONE_F32 = tl.constexpr(0x3F800000)
 
@@ -50,11 +50,7 @@ def _shift_to(words, shift: tl.constexpr):
 @triton.jit
 def _x_slot(x_ptr, row, perm_ptr, k, K, HAS_PERM: tl.constexpr):
     """Activations x[row, perm[k]] (ROWS,) in fp32, zero where k ≥ K."""
-    k_mask = k < K
-    if HAS_PERM:
-        source = tl.load(perm_ptr + k, mask=k_mask, other=0)
-    else:
-        source = k
+    k_mask, source = input_columns(perm_ptr, k, K, HAS_PERM)
     return tl.load(x_ptr + row + source, mask=k_mask, other=0.0).to(tl.float32)
 
 
