@@ -73,10 +73,6 @@ def variant_supports(variant: int, N: int) -> bool:
     return N % (2 * VARIANTS[variant][0]) == 0
 
 
-def splits_for(K: int, chunks_per_split: int) -> int:
-    return _cdiv(_cdiv(K, CHUNK_K), chunks_per_split)
-
-
 def mma_int4(x2d, qweight, qzeros, scales, symmetric: bool, perm, bias, tickets, group_size: int, in_features: int,
              block_m: int, warps: int, variant: int, splits: int, pdl: bool = False) -> torch.Tensor:
     """``y = x2d[:, perm] @ W^T + bias`` (M, N) in x2d's dtype, M ≤ block_m ∈ (8, 16), from the

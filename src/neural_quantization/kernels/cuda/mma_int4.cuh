@@ -63,7 +63,6 @@ namespace nq_mma {
 
 constexpr int kChunkK = 64;  // input positions per chunk (8 packed rows)
 constexpr int kMaxWarps = 8;
-constexpr int kMaxTileN = 32;
 
 struct Params {
   const void* x;
