@@ -289,49 +289,62 @@ __device__ __forceinline__ void launch_dependents() {
 #endif
 }
 
-// A lane's view: codes of packed row 2t of its first column (+ 8 N per chunk), its first column,
-// activations of rows g, g + 8 at position 16t (+ 64 per chunk).
+// Where a lane reads. Chunk c of lane (g, t) is
+//   codes        qweight + (8c + 2t) N + col    (packed rows 8c + 2t and 8c + 2t + 1; + N for the second)
+//   activations  x + m stride + 64c + 16t       (rows m = g + 8j; + 8 elements for the second row)
+// so the warp's next chunk, c + W, is every pointer plus a constant (8 W N words, 64 W elements):
+// the loops advance pointers instead of recomputing addresses from c. Lanes whose columns lie past
+// N read column 0 and rows past M read row 0 (those outputs are never stored), so only the last,
+// partial chunk of K (K % 64 != 0) needs bounds checks (CHECKED).
 template <typename T, int MB>
-struct Lane {
+struct Cursor {
   const uint32_t* w;
   const T* x[MB];
-  bool row_ok[MB];
-  bool col_ok;  // the lane's columns exist (N is a multiple of 2 NT)
-  int col0;
-  int row0;     // 2t
-  int pos0;     // 16t
+  int c;
 };
 
-// Activations of positions c·64 + 16t … + 15 for rows g, g + 8. Rows past M are left as they are
-// (their output columns are never stored); positions past K are zero (their codes are zero too).
-template <typename T, int MB>
-__device__ __forceinline__ void load_x(uint4 (&xv)[MB][2], const Params& p, const Lane<T, MB>& ln, int c) {
-  const int pos = c * kChunkK + ln.pos0;
+// Per-lane constants of the loads: first column, bit offset of its zero in a qzeros word, 2t, 16t,
+// and the warp's chunk step (chunks, code words, activation elements).
+struct LaneGeometry {
+  int col;
+  int zero_shift;
+  int row0;
+  int pos0;
+  int chunk_step;
+  int64_t w_step;
+  int x_step;
+};
+
+template <typename T, int MB, int CHECKED>
+__device__ __forceinline__ void load_x(uint4 (&xv)[MB][2], const Params& p, const T* const (&x)[MB], int pos) {
 #pragma unroll
   for (int j = 0; j < MB; ++j) {
-    if (ln.row_ok[j]) {
-      const uint4* src = reinterpret_cast<const uint4*>(ln.x[j] + c * kChunkK);
+    const uint4* src = reinterpret_cast<const uint4*>(x[j]);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) xv[j][h] = pos + 8 * h < p.K ? __ldg(src + h) : make_uint4(0u, 0u, 0u, 0u);
+    for (int h = 0; h < 2; ++h) {
+      xv[j][h] = (!CHECKED || pos + 8 * h < p.K) ? __ldg(src + h) : make_uint4(0u, 0u, 0u, 0u);
     }
   }
 }
 
-template <typename T, int NT, int MB, int LD, int SYM>
-__device__ __forceinline__ void load_chunk(Chunk<NT, MB>& ch, const Params& p, const Lane<T, MB>& ln, int c) {
-  const int row = c * 8 + ln.row0;
+// One chunk of the lane at codes `w`, activations `x`. Positions past K (CHECKED) read as zero
+// activations and zero codes (the codes are not read).
+template <typename T, int NT, int MB, int LD, int SA, int SYM, int CHECKED>
+__device__ __forceinline__ void load_chunk(Chunk<NT, MB>& ch, const Params& p, const LaneGeometry& lg,
+                                           const uint32_t* w, const T* const (&x)[MB], int c) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    if (ln.col_ok && row + h < p.rows) {
-      load_words<NT, LD>(ch.w[h], ln.w + static_cast<int64_t>(c * 8 + h) * p.N);
+    if (!CHECKED || c * 8 + lg.row0 + h < p.rows) {
+      load_words<NT, LD>(ch.w[h], w + (h ? p.N : 0));
     } else {
 #pragma unroll
       for (int i = 0; i < 2 * NT; ++i) ch.w[h][i] = 0u;
     }
   }
-  const int group = min((c * kChunkK + ln.pos0) >> p.group_shift, p.num_groups - 1);  // padding: last group
-  const int col = ln.col_ok ? ln.col0 : 0;
-  const int64_t at = static_cast<int64_t>(group) * p.N + col;
+  // SA: a group holds whole chunks, so the group is the same for all lanes
+  int group = SA ? c >> (p.group_shift - 6) : (c * kChunkK + lg.pos0) >> p.group_shift;
+  if (CHECKED) group = min(group, p.num_groups - 1);  // padding positions: the last group
+  const int at = group * p.N + lg.col;
   if constexpr (NT == 1) {
     ch.s[0] = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(p.scales) + at));
   } else {
@@ -339,8 +352,32 @@ __device__ __forceinline__ void load_chunk(Chunk<NT, MB>& ch, const Params& p, c
     ch.s[0] = s.x;
     ch.s[1] = s.y;
   }
-  if constexpr (!SYM) ch.z = __ldg(p.qzeros + static_cast<int64_t>(group) * p.zero_words + (col >> 3)) >> (4 * (col & 7));
-  load_x<T, MB>(ch.x, p, ln, c);
+  if constexpr (!SYM) ch.z = __ldg(p.qzeros + group * p.zero_words + (lg.col >> 3)) >> lg.zero_shift;
+  load_x<T, MB, CHECKED>(ch.x, p, x, c * kChunkK + lg.pos0);
+}
+
+// Chunks cur.c + u W (u < U) of the lane; CHECKED: only those before c_end, the last maybe partial.
+template <typename T, int NT, int MB, int U, int LD, int SA, int SYM, int CHECKED>
+__device__ __forceinline__ void load_batch(Chunk<NT, MB> (&batch)[U], const Params& p, const LaneGeometry& lg,
+                                           const Cursor<T, MB>& cur, int c_end) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = cur.c + u * lg.chunk_step;
+    if (!CHECKED || c < c_end) {
+      const T* x[MB];
+#pragma unroll
+      for (int j = 0; j < MB; ++j) x[j] = cur.x[j] + u * lg.x_step;
+      load_chunk<T, NT, MB, LD, SA, SYM, CHECKED>(batch[u], p, lg, cur.w + u * lg.w_step, x, c);
+    }
+  }
+}
+
+template <typename T, int MB, int U>
+__device__ __forceinline__ void advance(Cursor<T, MB>& cur, const LaneGeometry& lg) {
+  cur.c += U * lg.chunk_step;
+  cur.w += U * lg.w_step;
+#pragma unroll
+  for (int j = 0; j < MB; ++j) cur.x[j] += U * lg.x_step;
 }
 
 template <typename T, int NT, int MB, int SA, int SYM>
@@ -426,17 +463,23 @@ __global__ void __launch_bounds__(256) mma_int4_kernel(const Params p) {
   const int c_begin = split * p.chunks_per_split;
   const int c_end = min(c_begin + p.chunks_per_split, p.num_chunks);
 
-  Lane<T, MB> ln;
-  ln.col0 = tile * kTileN + 2 * NT * g;
-  ln.col_ok = ln.col0 < p.N;
-  ln.row0 = 2 * t;
-  ln.pos0 = 16 * t;
-  ln.w = p.qweight + static_cast<int64_t>(ln.row0) * p.N + (ln.col_ok ? ln.col0 : 0);
+  const int col = tile * kTileN + 2 * NT * g;
+  LaneGeometry lg;
+  lg.col = col < p.N ? col : 0;
+  lg.zero_shift = 4 * (lg.col & 7);
+  lg.row0 = 2 * t;
+  lg.pos0 = 16 * t;
+  lg.chunk_step = warps;
+  lg.w_step = static_cast<int64_t>(warps) * 8 * p.N;
+  lg.x_step = warps * kChunkK;
+  Cursor<T, MB> cur;
+  cur.c = c_begin + warp;
+  cur.w = p.qweight + static_cast<int64_t>(8 * cur.c + lg.row0) * p.N + lg.col;
 #pragma unroll
   for (int j = 0; j < MB; ++j) {
     const int m = g + 8 * j;
-    ln.row_ok[j] = m < p.M;
-    ln.x[j] = static_cast<const T*>(p.x) + static_cast<int64_t>(ln.row_ok[j] ? m : 0) * p.stride_xm + ln.pos0;
+    cur.x[j] = static_cast<const T*>(p.x) + static_cast<int64_t>(m < p.M ? m : 0) * p.stride_xm +
+               cur.c * kChunkK + lg.pos0;
   }
 
   float total[NT][MB][4];
@@ -449,60 +492,58 @@ __global__ void __launch_bounds__(256) mma_int4_kernel(const Params p) {
     }
   }
 
-  const int stride = U * warps;
   // Programmatic dependent launch (p.pdl, launched with the attribute): the codes do not depend on
   // the kernel before, so the warp's first chunks are fetched into L2 while it finishes; the
   // activations and the tickets are touched only after griddepcontrol.wait.
   if (p.pdl) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int c = c_begin + warp + u * warps;
-      if (c < c_end && ln.col_ok) {
+      const int c = cur.c + u * warps;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (c * 8 + ln.row0 + h < p.rows) prefetch_l2(ln.w + static_cast<int64_t>(c * 8 + h) * p.N);
-        }
+      for (int h = 0; h < 2; ++h) {
+        if (c < c_end && c * 8 + lg.row0 + h < p.rows) prefetch_l2(cur.w + u * lg.w_step + (h ? p.N : 0));
       }
     }
     grid_dependency_wait();
   }
-  // Chunks past the range are neither loaded nor multiplied (their registers are left as they are).
+  // Full batches (U chunks of the warp, all inside K) without bounds checks, then the rest of the
+  // warp's chunks (fewer than U, the last maybe partial) as one checked batch.
+  const int full_end = min(c_end, p.rows >> 3);  // chunks before it hold 64 positions inside K
+  const int last_offset = (U - 1) * warps;       // the batch's last chunk, from its first
   if constexpr (PF != 0) {
-    Chunk<NT, MB> cur[U];
-    int base = c_begin + warp;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = base + u * warps;
-      if (c < c_end) load_chunk<T, NT, MB, LD, SYM>(cur[u], p, ln, c);
-    }
+    if (cur.c + last_offset < full_end) {
+      Chunk<NT, MB> now[U];
+      load_batch<T, NT, MB, U, LD, SA, SYM, 0>(now, p, lg, cur, c_end);
 #pragma unroll 1
-    for (; base < c_end; base += stride) {
-      Chunk<NT, MB> nxt[U];
+      for (;;) {
+        Cursor<T, MB> next = cur;
+        advance<T, MB, U>(next, lg);
+        const bool more = next.c + last_offset < full_end;
+        Chunk<NT, MB> ahead[U];
+        if (more) load_batch<T, NT, MB, U, LD, SA, SYM, 0>(ahead, p, lg, next, c_end);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int c = base + stride + u * warps;
-        if (c < c_end) load_chunk<T, NT, MB, LD, SYM>(nxt[u], p, ln, c);
+        for (int u = 0; u < U; ++u) compute_chunk<T, NT, MB, SA, SYM>(now[u], p, total);
+        cur = next;
+        if (!more) break;
+#pragma unroll
+        for (int u = 0; u < U; ++u) now[u] = ahead[u];
       }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (base + u * warps < c_end) compute_chunk<T, NT, MB, SA, SYM>(cur[u], p, total);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) cur[u] = nxt[u];
     }
   } else {
 #pragma unroll 1
-    for (int base = c_begin + warp; base < c_end; base += stride) {
-      Chunk<NT, MB> cur[U];
+    for (; cur.c + last_offset < full_end; advance<T, MB, U>(cur, lg)) {
+      Chunk<NT, MB> now[U];
+      load_batch<T, NT, MB, U, LD, SA, SYM, 0>(now, p, lg, cur, c_end);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int c = base + u * warps;
-        if (c < c_end) load_chunk<T, NT, MB, LD, SYM>(cur[u], p, ln, c);
-      }
+      for (int u = 0; u < U; ++u) compute_chunk<T, NT, MB, SA, SYM>(now[u], p, total);
+    }
+  }
+  if (cur.c < c_end) {
+    Chunk<NT, MB> now[U];
+    load_batch<T, NT, MB, U, LD, SA, SYM, 1>(now, p, lg, cur, c_end);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (base + u * warps < c_end) compute_chunk<T, NT, MB, SA, SYM>(cur[u], p, total);
-      }
+    for (int u = 0; u < U; ++u) {
+      if (cur.c + u * warps < c_end) compute_chunk<T, NT, MB, SA, SYM>(now[u], p, total);
     }
   }
 
