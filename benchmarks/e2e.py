@@ -10,7 +10,13 @@ speed depends on shapes, not values. For each precision and batch size:
    forward that prepares the kernel layout and tunes the kernels for the shapes it sees);
 2. run the single-token decode step a few times eagerly (with ``--compile``: through
    ``torch.compile``, for both precisions), then capture it in one CUDA graph;
-3. replay the graph ``--steps`` times between CUDA events: tokens/s = batch · steps / time.
+3. replay the graph ``--steps`` times between CUDA events: tokens/s = batch · steps / time;
+4. with ``--profile``: replay it under ``torch.profiler`` and record where a step's GPU time goes
+   (kernel time per category and the top kernels; the rest of the step is the GPU idle between
+   kernels);
+5. unless ``--no-fuse``: fuse each block's q/k/v and gate/up projections of the int4 model
+   (``neural_quantization.fuse_projections``, one matmul per group, the weights stored once) and
+   measure it again (``int4_fused``). The fp16 baseline is always transformers' own model.
 
 int4: every decoder ``nn.Linear`` (q, k, v, o, gate, up, down; embeddings and lm_head stay fp16) is
 quantized with RTN (4 bits, group 128, symmetric) on the GPU and replaced by ``QuantLinear``
@@ -32,6 +38,7 @@ from neural_quantization.config import QuantizationConfig
 from neural_quantization.core.rtn import rtn_quantize
 from neural_quantization.formats.packing import pack
 from neural_quantization.kernels.bench import environment
+from neural_quantization.nn.fused_projections import fuse_projections
 from neural_quantization.nn.qlinear import QuantLinear
 
 
@@ -88,9 +95,55 @@ def quantize_decoder(model, config: QuantizationConfig) -> int:
     return count
 
 
+def kernel_category(name: str) -> str:
+    """Which part of the decode step a kernel name belongs to (for the ``--profile`` breakdown)."""
+    lowered = name.lower()
+    ours = ("mma_int4", "gemv_int4", "dot_slices_kernel", "dot_splitk_kernel", "gemv_rows_kernel", "gemv_splitk_kernel",
+            "dequantize_kernel")
+    if any(key in lowered for key in ours):
+        return "int4 matmul (ours)"
+    if any(key in lowered for key in ("flash", "fmha", "attention", "sdpa", "softmax")):
+        return "attention"
+    if any(key in lowered for key in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas")):
+        return "cuBLAS matmul"
+    if lowered.startswith("triton"):
+        return "fused elementwise (torch.compile)"
+    return "other (eager ops, copies)"
+
+
+def profile_graph(graph, steps: int, step_ms: float) -> dict:
+    """GPU time per step of a replayed CUDA graph, by kernel category and the ten largest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.time_range.elapsed_us()
+    categories: dict[str, float] = {}
+    for name, (_, micros) in kernels.items():
+        category = kernel_category(name)
+        categories[category] = categories.get(category, 0.0) + micros / steps / 1000.0
+    busy_ms = sum(categories.values())
+    top = sorted(kernels.items(), key=lambda item: -item[1][1])[:10]
+    return {
+        "kernels_per_step": sum(count for count, _ in kernels.values()) / steps,
+        "kernel_ms_per_step": busy_ms,
+        "idle_ms_per_step": step_ms - busy_ms,
+        "ms_per_step_by_category": dict(sorted(categories.items(), key=lambda item: -item[1])),
+        "top_kernels": [{"name": name[:120], "calls_per_step": count / steps, "ms_per_step": micros / steps / 1000.0}
+                        for name, (count, micros) in top],
+    }
+
+
 @torch.no_grad()
 def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, max_cache_len: int,
-                 compile_step: bool = False) -> dict:
+                 compile_step: bool = False, profile_step: bool = False) -> dict:
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -153,6 +206,8 @@ def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, m
         "logits_finite": finite,
         "compiled": compile_step,
     }
+    if profile_step:
+        result["profile"] = profile_graph(graph, steps, step_s * 1000.0)
     del graph, cache, out
     gc.collect()
     torch.cuda.empty_cache()
@@ -160,18 +215,20 @@ def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, m
 
 
 def run(layers: int = 32, batches=(1, 8), prompt_len: int = 16, steps: int = 20, repeats: int = 5,
-        max_cache_len: int = 256, output: str | None = None, compile_step: bool = False) -> dict:
+        max_cache_len: int = 256, output: str | None = None, compile_step: bool = False,
+        profile_step: bool = False, fuse: bool = True) -> dict:
     torch.manual_seed(0)
     model = build_model(layers, "cuda")
     weights_fp16 = torch.cuda.memory_allocated() / 2**30
     results = {"environment": environment(),
                "settings": {"layers": layers, "batches": list(batches), "prompt_len": prompt_len, "steps": steps,
                             "repeats": repeats, "max_cache_len": max_cache_len, "compiled": compile_step,
-                            "quantization": "RTN 4-bit, group 128, symmetric; decoder linears only"},
+                            "quantization": "RTN 4-bit, group 128, symmetric; decoder linears only",
+                            "fused_projections": fuse},
                "fp16": [], "int4": []}
     results["fp16_model_memory_gib"] = weights_fp16
     for batch in batches:
-        row = decode_speed(model, batch, prompt_len, steps, repeats, max_cache_len, compile_step)
+        row = decode_speed(model, batch, prompt_len, steps, repeats, max_cache_len, compile_step, profile_step)
         results["fp16"].append(row)
         print("fp16", row, flush=True)
     started = time.perf_counter()
@@ -183,13 +240,32 @@ def run(layers: int = 32, batches=(1, 8), prompt_len: int = 16, steps: int = 20,
     results["quantized_linears"] = count
     results["int4_model_memory_gib"] = torch.cuda.memory_allocated() / 2**30
     for batch in batches:
-        row = decode_speed(model, batch, prompt_len, steps, repeats, max_cache_len, compile_step)
+        row = decode_speed(model, batch, prompt_len, steps, repeats, max_cache_len, compile_step, profile_step)
         results["int4"].append(row)
         print("int4", row, flush=True)
     results["speedup_tokens_per_s"] = {
         str(a["batch"]): b["tokens_per_s_graph"] / a["tokens_per_s_graph"] for a, b in zip(results["fp16"], results["int4"])
     }
     print("speedup (graph):", results["speedup_tokens_per_s"], flush=True)
+    if fuse:
+        # the same int4 model with q/k/v and gate/up fused (nn/fused_projections.py); the fp16 baseline
+        # stays transformers' own (unfused) model
+        groups = fuse_projections(model)
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+        results["fused_groups"] = len(groups)
+        results["int4_fused_model_memory_gib"] = torch.cuda.memory_allocated() / 2**30
+        results["int4_fused"] = []
+        for batch in batches:
+            row = decode_speed(model, batch, prompt_len, steps, repeats, max_cache_len, compile_step, profile_step)
+            results["int4_fused"].append(row)
+            print("int4 fused", row, flush=True)
+        results["speedup_tokens_per_s_fused"] = {
+            str(a["batch"]): b["tokens_per_s_graph"] / a["tokens_per_s_graph"]
+            for a, b in zip(results["fp16"], results["int4_fused"])
+        }
+        print("speedup (graph, fused projections):", results["speedup_tokens_per_s_fused"], flush=True)
     if output:
         with open(output, "w") as handle:
             json.dump(results, handle, indent=1)
@@ -206,10 +282,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-cache-len", type=int, default=256)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (both precisions) before capturing it in a CUDA graph")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record where each step's GPU time goes (torch.profiler over graph replays)")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="skip the second int4 run with q/k/v and gate/up fused (fuse_projections)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     run(args.layers, [int(b) for b in args.batches.split(",")], args.prompt_len, args.steps, args.repeats,
-        args.max_cache_len, args.output, args.compile)
+        args.max_cache_len, args.output, args.compile, args.profile, not args.no_fuse)
     return 0
 
 

@@ -142,21 +142,44 @@ def kernels_tinygemm(document: dict[str, Any]) -> str:
 
 def e2e(document: dict[str, Any]) -> str:
     env = document["environment"]
+    fused = document.get("int4_fused")
     lines = [
         f"{env['device']}, torch {env['torch']}, {env['date'][:10]}: Mistral-7B-shaped model with random fp16 weights, "
         f"{document['settings']['quantization']}, static KV cache, one decode step "
         + ("compiled with torch.compile (both precisions) and " if document["settings"].get("compiled") else "")
-        + "captured in a CUDA graph.",
+        + "captured in a CUDA graph"
+        + ("; \"fused\": the same int4 model after `fuse_projections` (q/k/v and gate/up one matmul each)."
+           if fused else "."),
         "",
-        "| batch | fp16 tokens/s | int4 tokens/s | int4 / fp16 | peak memory fp16 → int4 |",
-        "|---|---|---|---|---|",
+        "| batch | fp16 tokens/s | int4 tokens/s | int4 / fp16 |"
+        + (" int4 fused tokens/s | fused / fp16 |" if fused else "") + " peak memory fp16 → int4 |",
+        "|---|---|---|---|" + ("---|---|" if fused else "") + "---|",
     ]
-    for fp, q in zip(document["fp16"], document["int4"]):
-        lines.append(
-            f"| {fp['batch']} | {fp['tokens_per_s_graph']:.1f} | {q['tokens_per_s_graph']:.1f} | "
-            f"{q['tokens_per_s_graph'] / fp['tokens_per_s_graph']:.2f}× | "
-            f"{fp['peak_memory_gib']:.1f} → {q['peak_memory_gib']:.1f} GiB |"
-        )
+    for index, (fp, q) in enumerate(zip(document["fp16"], document["int4"])):
+        row = (f"| {fp['batch']} | {fp['tokens_per_s_graph']:.1f} | {q['tokens_per_s_graph']:.1f} | "
+               f"{q['tokens_per_s_graph'] / fp['tokens_per_s_graph']:.2f}× |")
+        if fused:
+            f = fused[index]
+            row += f" {f['tokens_per_s_graph']:.1f} | {f['tokens_per_s_graph'] / fp['tokens_per_s_graph']:.2f}× |"
+        lines.append(row + f" {fp['peak_memory_gib']:.1f} → {q['peak_memory_gib']:.1f} GiB |")
+    profiled = [(name, rows[0]) for name, rows in (("fp16", document["fp16"]), ("int4", document["int4"]),
+                                                   ("int4 fused", fused or [])) if rows and "profile" in rows[0]]
+    if profiled:
+        categories: list[str] = []
+        for _, row in profiled:
+            categories += [c for c in row["profile"]["ms_per_step_by_category"] if c not in categories]
+        lines += ["", f"Where a batch-{profiled[0][1]['batch']} step's time goes (ms per step, torch.profiler over "
+                  "graph replays; idle = step time minus kernel time):", "",
+                  "| ms per step | " + " | ".join(name for name, _ in profiled) + " |",
+                  "|---|" + "---|" * len(profiled)]
+        for category in categories:
+            lines.append(f"| {category} | " + " | ".join(
+                f"{row['profile']['ms_per_step_by_category'].get(category, 0.0):.2f}" for _, row in profiled) + " |")
+        lines.append("| idle between kernels | " + " | ".join(
+            f"{row['profile']['idle_ms_per_step']:.2f}" for _, row in profiled) + " |")
+        lines.append("| **step** | " + " | ".join(f"**{row['step_ms_graph']:.2f}**" for _, row in profiled) + " |")
+        lines.append("| kernels per step | " + " | ".join(
+            f"{row['profile']['kernels_per_step']:.0f}" for _, row in profiled) + " |")
     return "\n".join(lines)
 
 

@@ -6,12 +6,14 @@ Public API::
     model, results = MistralQuantizer(QuantizationConfig(bits=4)).quantize_model(model, texts, tokenizer)
     model.save_pretrained("out/")
     model = load_quantized("out/")
+    fuse_projections(model)  # optional, for serving: q/k/v and gate/up as one matmul each
 """
 
 __version__ = "0.1.0"
 
 from neural_quantization.config import ConfigError, QuantizationConfig  # noqa: E402
 from neural_quantization.formats.checkpoint import load_quantized, save_quantized  # noqa: E402
+from neural_quantization.nn.fused_projections import fuse_projections  # noqa: E402
 from neural_quantization.nn.qlinear import QuantLinear  # noqa: E402
 from neural_quantization.quantizer import (  # noqa: E402
     GemmaQuantizer,
@@ -33,6 +35,7 @@ __all__ = [
     "QwenQuantizer",
     "QuantizationResults",
     "QuantLinear",
+    "fuse_projections",
     "load_quantized",
     "save_quantized",
 ]

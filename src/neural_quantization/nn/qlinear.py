@@ -89,6 +89,7 @@ class QuantLinear(nn.Module):
 
     _kernel_layout = None  # (group_size, symmetric, act_order) once prepared, False if unsupported
     _kernel_plan = None  # kernels.ops.prepared_plan: the lean eager call path once prepared
+    _shared_input = None  # (SharedInputGroup, index) once fused with its siblings (nn/fused_projections.py)
 
     def prepare_kernels(self) -> None:
         """Compute the kernels' layout of this layer now (synchronizes; call outside graph capture).
@@ -112,14 +113,24 @@ class QuantLinear(nn.Module):
             layout.symmetric,
         )
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def reset_kernels(self) -> None:
+        """Forget the prepared kernel layout and the CPU path's dense weight (both are rebuilt on use)."""
         self._kernel_layout = None
         self._kernel_plan = None
         for name in ("kernel_qweight", "kernel_perm"):
             self._buffers.pop(name, None)
+        self.__dict__.pop("_dense_cache", None)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.reset_kernels()
+        if self._shared_input is not None:  # the tensors were copied into the fused layer's columns
+            self._shared_input[0].fused.reset_kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._shared_input is not None:  # fused with the layers reading the same input
+            group, index = self._shared_input
+            return group.forward_member(index, x)
         if not x.is_cuda and not torch.compiler.is_compiling() and self.kernel_backend in ("auto", "torch"):
             # CPU reference path, also for layers prepared for GPU kernels and moved back: the
             # numbers of ops.quant_linear's reference, without unpacking the weight every call.
