@@ -8,6 +8,9 @@ here is specific to Llama, Mistral, Gemma, Qwen or Phi.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 
 
@@ -40,6 +43,36 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def find_linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     """All ``nn.Linear`` modules inside one decoder block, by name relative to the block."""
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def group_by_shared_input(modules: dict[str, nn.Module], run: Callable[[], Any]) -> list[list[str]]:
+    """Call ``run()`` and group the named modules by the input tensor each one received.
+
+    Pre-hooks note which module runs when and on which tensor object; consecutive calls on the
+    identical tensor form one group (q/k/v of an attention block, gate/up of an MLP). Groups come
+    in execution order, each module counted at its first call; modules that never ran are left out.
+    """
+    order: list[tuple[str, Any]] = []
+    handles = [module.register_forward_pre_hook(lambda m, args, n=name: order.append((n, args[0])))
+               for name, module in modules.items()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    previous_input = None
+    seen: set[str] = set()
+    for name, inp in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and inp is previous_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous_input = inp
+    return groups
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

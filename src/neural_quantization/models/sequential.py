@@ -40,7 +40,13 @@ from torch import nn
 from neural_quantization.config import QuantizationConfig
 from neural_quantization.core.gptq import accumulate_hessian, gptq_quantize
 from neural_quantization.core.rtn import rtn_quantize
-from neural_quantization.models.discovery import find_decoder_layers, find_linear_layers, move_all_but, set_submodule
+from neural_quantization.models.discovery import (
+    find_decoder_layers,
+    find_linear_layers,
+    group_by_shared_input,
+    move_all_but,
+    set_submodule,
+)
 from neural_quantization.models.layer_storage import LayerStorage, WorkDir
 from neural_quantization.nn.qlinear import QuantLinear, swap_in_quant_linears
 
@@ -161,28 +167,10 @@ def linear_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch
     ``[[q_proj, k_proj, v_proj], [o_proj], [gate_proj, up_proj], [down_proj]]``.
     Linears that never run (e.g. unused experts) are appended as a last group.
     """
-    order: list[tuple[str, torch.Tensor]] = []
-    handles = [
-        module.register_forward_pre_hook(lambda m, args, n=name: order.append((n, args[0])))
-        for name, module in linears.items()
-    ]
-    try:
-        block(hidden[:1].to(_device_of(block)), **_slice_batch(kwargs, hidden.shape[0]))
-    finally:
-        for h in handles:
-            h.remove()
-    groups: list[list[str]] = []
-    previous_input = None
-    seen = set()
-    for name, inp in order:
-        if name in seen:
-            continue
-        seen.add(name)
-        if groups and inp is previous_input:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        previous_input = inp
+    groups = group_by_shared_input(
+        linears, lambda: block(hidden[:1].to(_device_of(block)), **_slice_batch(kwargs, hidden.shape[0]))
+    )
+    seen = {name for group in groups for name in group}
     unused = [n for n in linears if n not in seen]
     if unused:
         groups.append(unused)

@@ -17,8 +17,9 @@ At run time the first member called with an input computes the fused product and
 member called after it *with the same tensor object* returns its columns of that product (views:
 no copy, no launch). A member called with any other input computes the fused product for that
 input and slices it, which is correct but wasteful, so only linears seen reading the same tensor
-are grouped: :func:`fuse_projections` finds them with one probe forward of one token, like the
-quantizer's grouping of linears that share an input (``models/sequential.py: linear_groups``).
+are grouped: :func:`fuse_projections` finds them with one probe forward of one token, by the same
+rule as the quantizer's groups of linears that share an input (``models/discovery.py:
+group_by_shared_input``).
 
 Limits: in eager mode a member whose input was modified in place since the fused product was
 computed recomputes it (the tensor's version counter); inside ``torch.compile`` the sharing is
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neural_quantization.models.discovery import group_by_shared_input
 from neural_quantization.nn.qlinear import QuantLinear
 
 #: the buffers a member exposes as column views of the fused tensors
@@ -137,46 +139,24 @@ def _compatible(members: list[QuantLinear]) -> bool:
 def shared_input_groups(model: nn.Module, probe_inputs: dict[str, Any] | None = None) -> list[list[str]]:
     """Names of the QuantLinears that read the same tensor, in call order (groups of two or more).
 
-    One forward of ``probe_inputs`` (default: one token, id 0, on the layers' device) with hooks
-    that record which tensor each QuantLinear receives; the layers compute with the reference
-    during the probe (no kernel preparation or tuning for shapes that fusion replaces).
+    One forward of ``probe_inputs`` (default: one token, id 0, on the layers' device), grouped by
+    ``models.discovery.group_by_shared_input``; the layers compute with the reference during the
+    probe (no kernel preparation or tuning for shapes that fusion replaces).
     """
     layers = {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
     if not layers:
         return []
-    calls: list[tuple[str, torch.Tensor]] = []
-    seen: set[str] = set()
-
-    def recorder(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if name not in seen:
-                seen.add(name)
-                calls.append((name, args[0]))
-        return hook
-
     device = next(iter(layers.values())).qweight.device
     inputs = probe_inputs or {"input_ids": torch.zeros(1, 1, dtype=torch.long, device=device)}
     backends = {name: layer.kernel_backend for name, layer in layers.items()}
-    handles = [layer.register_forward_pre_hook(recorder(name)) for name, layer in layers.items()]
     try:
         for layer in layers.values():
             layer.kernel_backend = "torch"
         with torch.no_grad():
-            model(**inputs)
+            groups = group_by_shared_input(layers, lambda: model(**inputs))
     finally:
-        for handle in handles:
-            handle.remove()
         for name, layer in layers.items():
             layer.kernel_backend = backends[name]
-    groups: list[list[str]] = []
-    previous = None
-    for name, tensor in calls:
-        parent = name.rpartition(".")[0]
-        if previous is not None and tensor is previous[1] and parent == previous[0].rpartition(".")[0]:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        previous = (name, tensor)
     return [group for group in groups if len(group) > 1]
 
 
