@@ -45,6 +45,7 @@ def test_fused_model_gives_the_same_logits_and_checkpoint(quantized_mistral, tmp
     k = model.get_submodule(groups[0][1])
     assert q.qweight.untyped_storage().data_ptr() == k.qweight.untyped_storage().data_ptr()
     assert "_dense_cache" not in q.__dict__  # the probe's CPU dense weights are not kept
+    assert fuse_projections(model) == []  # already fused: nothing more to do
     with torch.no_grad():
         fused = model(ids).logits
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
