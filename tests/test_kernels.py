@@ -430,19 +430,19 @@ def _emulate_mma_kernel(x, qweight, qzeros, scales, symmetric, group, variant):
             B = torch.zeros(2, 2, 16, 8, dtype=torch.float64)  # packed row h, step, B
             for lane in range(32):
                 g, t = lane // 4, lane % 4
-                col0 = tile * tile_n + 2 * nt * g
-                col_ok = col0 < N  # else the kernel multiplies zero codes and never stores those columns
+                col_out = tile * tile_n + 2 * nt * g
+                col0 = col_out if col_out < N else 0  # lanes past N read column 0; those outputs are not stored
                 group_index = min((c * mma.CHUNK_K + 16 * t) // group, s_all.shape[0] - 1)
-                packed_zeros = int(zero_words[group_index, col0 // 8]) >> (4 * (col0 % 8)) if col_ok else 0
+                packed_zeros = int(zero_words[group_index, col0 // 8]) >> (4 * (col0 % 8))
                 for h in range(2):
                     row = 8 * c + 2 * t + h
                     base = mma.CHUNK_K * c + 16 * t + 8 * h  # the row's first position
+                    m = g if g < M else 0  # rows past M read row 0; those outputs are not stored
                     for p in range(2):
-                        if g < M:
-                            B[h, p, 2 * t, g], B[h, p, 2 * t + 1, g] = xp[g, base + 2 * p], xp[g, base + 2 * p + 4]
-                            B[h, p, 2 * t + 8, g] = xp[g, base + 2 * p + 1]
-                            B[h, p, 2 * t + 9, g] = xp[g, base + 2 * p + 5]
-                    for i in range(nt if col_ok else 0):
+                        B[h, p, 2 * t, g], B[h, p, 2 * t + 1, g] = xp[m, base + 2 * p], xp[m, base + 2 * p + 4]
+                        B[h, p, 2 * t + 8, g] = xp[m, base + 2 * p + 1]
+                        B[h, p, 2 * t + 9, g] = xp[m, base + 2 * p + 5]
+                    for i in range(nt):
                         cols = (col0 + 2 * i, col0 + 2 * i + 1)
                         s = [float(s_all[group_index, col]) for col in cols]
                         z = [8.0 if symmetric else float(((packed_zeros >> (8 * i + 4 * r)) & 0xF) + 1) for r in (0, 1)]
