@@ -155,3 +155,32 @@ def test_work_dir_options_that_cannot_work_exit_2_before_loading(tiny_model_dir,
     (tmp_path / "ckpt.work" / "run.json").write_text("{}")
     assert run_cli(*common) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,options", [(["bench", "--help"], ["--batch-sizes", "--shapes"]),
+                                          (["bench", "decode", "--help"], ["--compile", "--profile", "--no-fuse"])])
+def test_bench_subcommands_list_their_options(args, options, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(option in out for option in options)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+@pytest.mark.parametrize("args,name", [(["bench"], "kernel benchmark"), (["bench", "decode"], "decode benchmark")])
+def test_bench_without_a_gpu_exits_2_with_the_reason(args, name, capsys):
+    assert main(args) == 2
+    assert f"the {name} needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_decode_profile_categories():
+    from neural_quantization.kernels.decode_bench import kernel_category
+
+    assert kernel_category("void nq_mma::mma_int4_kernel<__half, 2, 1, 1, 0, 2, 1, 1>(nq_mma::Params)") == \
+        "int4 matmul (ours)"
+    assert kernel_category("dot_slices_kernel") == "int4 matmul (ours)"
+    assert kernel_category("nvjet_sm90_hsh_64x8_64x16_2x1_v_bz_TNT") == "cuBLAS matmul"
+    assert kernel_category("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16") == "attention"
+    assert kernel_category("triton_poi_fused__unsafe_view_mul_silu_8") == "fused elementwise (torch.compile)"
+    assert kernel_category("void at::native::vectorized_elementwise_kernel<8>") == "other (eager ops, copies)"

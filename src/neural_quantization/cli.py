@@ -5,7 +5,8 @@ Subcommands::
     neural-quantize quantize --model-name M --output-dir D [options]   (also the bare form)
     neural-quantize demo                                                 (built-in model, end to end)
     neural-quantize eval --model D --eval-data DIR                       (per-language quality)
-    neural-quantize bench                                                (GPU kernel speed)
+    neural-quantize bench [kernel options]                               (GPU kernel speed)
+    neural-quantize bench decode [options]                               (GPU end-to-end decode speed)
     neural-quantize deploy-report DIR_OR_CONFIG                          (memory needed, device fit)
 
 Exit codes: 0 success, 2 bad input (the message says how to fix it), 3 a quality gate failed.
@@ -155,9 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _add_eval_options(e, "directory of {lang}.eval.txt / {lang}.txt files (required)")
 
-    # The benchmark owns its options (kernels/bench.py); `neural-quantize bench --help` lists them.
-    b = sub.add_parser("bench", help="GPU kernel speed against cuBLAS fp16 and PyTorch int4", add_help=False)
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the kernel benchmark")
+    # The benchmarks own their options (kernels/bench.py, kernels/decode_bench.py);
+    # `neural-quantize bench --help` and `neural-quantize bench decode --help` list them.
+    b = sub.add_parser("bench", add_help=False,
+                       help="GPU speed: kernels against cuBLAS fp16 and PyTorch int4; `bench decode`: end-to-end "
+                            "decode tokens/s, fp16 vs int4")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
 
     r = sub.add_parser(
         "deploy-report", formatter_class=_Formatter,
@@ -522,14 +526,21 @@ def run_deploy_report(args: argparse.Namespace) -> int:
 
 
 def run_bench(bench_args: list[str]) -> int:
-    """Hand the arguments to the kernel benchmark, which owns its options (``kernels/bench.py``)."""
+    """Hand the arguments to the benchmark, which owns its options: ``bench decode …`` the end-to-end
+    decode benchmark (``kernels/decode_bench.py``), otherwise the kernel benchmark (``kernels/bench.py``)."""
     import torch
 
-    from neural_quantization.kernels import bench
+    if bench_args[:1] == ["decode"]:
+        from neural_quantization.kernels import decode_bench as benchmark
 
+        name, bench_args = "the decode benchmark", bench_args[1:]
+    else:
+        from neural_quantization.kernels import bench as benchmark
+
+        name = "the kernel benchmark"
     if not torch.cuda.is_available() and not {"-h", "--help"} & set(bench_args):
-        raise ValueError("the kernel benchmark needs a CUDA GPU; run it on a machine with one (see docs/kernels.md).")
-    return int(bench.main(bench_args) or 0)
+        raise ValueError(f"{name} needs a CUDA GPU; run it on a machine with one (see docs/kernels.md).")
+    return int(benchmark.main(bench_args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
