@@ -158,3 +158,20 @@ def test_fused_projections_on_cuda_eager_graph_and_compile(quantized_mistral):
         compiled = torch.compile(model, fullgraph=True)(ids).logits
         torch._dynamo.reset()
         assert close(compiled)
+
+
+def test_projections_with_bias_fuse_their_biases():
+    config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=4, sym=False)
+    model, _ = Quantizer(config).quantize_model(tiny_model("qwen2"), tokens())  # q/k/v carry biases
+    ids = tokens(2)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(ids).logits
+    groups = fuse_projections(model)
+    assert [name.rpartition(".")[2] for name in groups[0]] == ["q_proj", "k_proj", "v_proj"]
+    q = model.get_submodule(groups[0][0])
+    assert q.bias is not None and q.bias.untyped_storage().data_ptr() == q._shared_input[0].fused.bias.data_ptr()
+    after = model.state_dict()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
