@@ -17,16 +17,12 @@ def quantized_mistral():
     return model
 
 
-def _copy(model):
-    return copy.deepcopy(model)
-
-
 def _storages(model):
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
 
 
 def test_fused_model_gives_the_same_logits_and_checkpoint(quantized_mistral, tmp_path):
-    model = _copy(quantized_mistral)
+    model = copy.deepcopy(quantized_mistral)
     ids = tokens(2)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     bytes_before = sum(_storages(model).values())
@@ -56,9 +52,9 @@ def test_fused_model_gives_the_same_logits_and_checkpoint(quantized_mistral, tmp
 
 
 def test_members_share_one_product_per_input_and_recompute_for_another(quantized_mistral):
-    model = _copy(quantized_mistral)
+    model = copy.deepcopy(quantized_mistral)
     attention = model.model.layers[0].self_attn
-    reference = {p: _copy(getattr(attention, f"{p}_proj")) for p in "qkv"}
+    reference = {p: copy.deepcopy(getattr(attention, f"{p}_proj")) for p in "qkv"}
     fuse_projections(model)
     group = attention.q_proj._shared_input[0]
     calls = []
@@ -79,7 +75,7 @@ def test_members_share_one_product_per_input_and_recompute_for_another(quantized
 
 
 def test_fused_projections_compile_to_one_matmul_per_group(quantized_mistral):
-    model = _copy(quantized_mistral)
+    model = copy.deepcopy(quantized_mistral)
     ids = tokens(2)
     with torch.no_grad():
         expected = model(ids).logits
@@ -101,10 +97,10 @@ def test_fused_projections_compile_to_one_matmul_per_group(quantized_mistral):
 
 
 def test_replaced_buffers_dissolve_the_group(quantized_mistral):
-    model = _copy(quantized_mistral)
+    model = copy.deepcopy(quantized_mistral)
     ids = tokens(2)
     with torch.no_grad():
-        expected = _copy(model).float()(ids).logits
+        expected = copy.deepcopy(model).float()(ids).logits
     fuse_projections(model)
     model.float()  # scales become new fp32 tensors: the members no longer hold the fused views
     with torch.no_grad():
@@ -123,7 +119,7 @@ def test_models_with_fused_checkpoint_layers_have_nothing_to_fuse():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_projections_on_cuda_eager_graph_and_compile(quantized_mistral):
-    model = _copy(quantized_mistral).half().cuda()  # move first: moving replaces the buffers
+    model = copy.deepcopy(quantized_mistral).half().cuda()  # move first: moving replaces the buffers
     ids = tokens(1, 6).cuda()
     with torch.no_grad():
         expected = model(ids).logits.float()  # unfused, our kernels

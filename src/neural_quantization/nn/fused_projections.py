@@ -86,10 +86,13 @@ class SharedInputGroup:
             start = stop
         self._pending: list[Any] | None = None  # [input, fused output, input version, members served]
 
-    def intact(self) -> bool:
-        """Whether every member still holds the views it was given (not moved or reassigned)."""
-        return all(member._buffers.get(name) is view
-                   for member, views in zip(self.members, self.views) for name, view in views.items())
+    def intact(self, index: int) -> bool:
+        """Whether member ``index`` still holds the views it was given (not moved or reassigned).
+
+        Its columns of the fused product are right exactly then, whatever happened to the others.
+        """
+        member = self.members[index]
+        return all(member._buffers.get(name) is view for name, view in self.views[index].items())
 
     def dissolve(self) -> None:
         """Every member runs alone again, on contiguous copies of its own columns."""
@@ -105,7 +108,7 @@ class SharedInputGroup:
     def forward_member(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``index``'s output for ``x``: its columns of the fused product of ``x``."""
         compiling = torch.compiler.is_compiling()
-        if not compiling and not self.intact():
+        if not compiling and not self.intact(index):
             self.dissolve()
             return self.members[index](x)
         pending = self._pending
