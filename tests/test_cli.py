@@ -94,6 +94,7 @@ def test_unknown_model_and_existing_output_dir(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "smollm2-135m" in err and "gemma3-270m" in err
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "notes.txt").write_text("the user's")
     assert run_cli("--model-name", "no-such-model", "--output-dir", tmp_path / "exists") == 2
     assert "--overwrite" in capsys.readouterr().err
 

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from neural_quantization import QuantizationConfig, QuantLinear, Quantizer, load_quantized
-from neural_quantization.formats.checkpoint import OutputExistsError
+from neural_quantization.formats.directories import OutputExistsError
 from neural_quantization.formats.packing import packed_length
 from neural_quantization.models.discovery import find_decoder_layers
 from neural_quantization.models.sequential import capture_layer_inputs, linear_groups, run_block, LayerInputs
@@ -76,7 +76,7 @@ def test_quantize_save_load_gives_identical_logits(arch, tmp_path):
     with torch.no_grad():
         in_memory = quantized(ids[:2]).logits
     quantized.save_pretrained(tmp_path / "ckpt")
-    loaded = load_quantized(tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt", dtype=torch.float32)  # the dtype the in-memory model runs in
     with torch.no_grad():
         reloaded = loaded(ids[:2]).logits
     assert torch.equal(in_memory, reloaded)
@@ -101,7 +101,11 @@ def test_checkpoint_tensors_have_the_documented_layout(tmp_path):
     assert scales.dtype == torch.float16 and scales.shape == (3, 64)
     assert g_idx.dtype == torch.int32 and torch.equal(g_idx, torch.arange(80, dtype=torch.int32) // 32)
     assert (qzeros == 0x77777777).all()  # symmetric: zero 8 stored as 7
-    assert embed.dtype == torch.float32
+    # a float32 model's unquantized tensors are stored in float16 (never float32 unless asked), and the
+    # returned model already holds those rounded values
+    assert embed.dtype == torch.float16 and json.loads((tmp_path / "ckpt" / "config.json").read_text())["dtype"] == "float16"
+    assert quantized.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(quantized.model.embed_tokens.weight.half(), embed)
     assert "model.layers.0.mlp.down_proj.weight" not in names
     assert "lm_head.weight" in names  # Llama's default config does not tie it
     quant = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
@@ -168,7 +172,7 @@ def test_lm_head_quantization_unties_and_round_trips(tmp_path):
     assert isinstance(quantized.lm_head, QuantLinear) and results.layers[-1]["name"] == "lm_head"
     assert results.layers[-1]["method"] == "gptq"
     quantized.save_pretrained(tmp_path / "ckpt")
-    loaded = load_quantized(tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt", dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(quantized(ids[:1]).logits, loaded(ids[:1]).logits)
 
@@ -194,6 +198,7 @@ def test_existing_output_dir_is_refused_and_nothing_is_half_written(tmp_path, mo
     quantized, _ = Quantizer(QuantizationConfig(bits=4, group_size=32)).quantize_model(tiny_model("llama"), tokens())
     target = tmp_path / "out"
     target.mkdir()
+    (target / "notes.txt").write_text("the user's")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         quantized.save_pretrained(target)
 

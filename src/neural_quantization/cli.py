@@ -227,7 +227,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input, reported as one line with the fix and exit code 2."""
     from neural_quantization.calibration.sources import CalibrationDataError
     from neural_quantization.config import ConfigError
-    from neural_quantization.formats.checkpoint import CheckpointError, OutputExistsError
+    from neural_quantization.formats.checkpoint import CheckpointError
+    from neural_quantization.formats.directories import OutputExistsError
     from neural_quantization.models.discovery import UnsupportedModelError
     from neural_quantization.models.loading import ModelNotFoundError
 

@@ -19,6 +19,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 METHODS = ("gptq", "rtn")
 KERNEL_BACKENDS = ("auto", "torch", "triton", "marlin")
 CASCADE_MODES = ("sequential", "nested")
+CHECKPOINT_DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_LANGUAGES = ("en", "es", "fr", "de", "zh", "ja", "ar", "hi", "pt", "ru", "ko", "it", "tr", "nl", "pl")
 
 
@@ -93,6 +94,11 @@ class QuantizationConfig:
         device: where each decoder layer is solved ("auto" = CUDA if present, else CPU).
         cascade_stages: e.g. [8, 4] for the cascade mode; None for direct quantization. ``bits``
             must equal the last (narrowest) stage.
+        checkpoint_dtype: the dtype of the tensors left unquantized (embeddings, norms, biases,
+            ``lm_head``) in the returned model and its checkpoint: "float16", "bfloat16" or "float32".
+            None: the model's own dtype when it is 16-bit, else float16 (bfloat16 when a value would
+            overflow float16). The returned model keeps its compute dtype but holds values rounded
+            to this dtype, so saving loses nothing more.
         cascade_mode: "sequential" (quantize to each width in turn, each stage starting from the
             previous stage's model and recalibrating through it) or "nested" (exactly two stages
             [wide, narrow]: one checkpoint stored at the wide width whose codes' high
@@ -121,6 +127,7 @@ class QuantizationConfig:
     device: str = "auto"
     cascade_stages: list[int] | None = None
     cascade_mode: str = "sequential"
+    checkpoint_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -168,6 +175,11 @@ class QuantizationConfig:
                     f"bits={self.bits} but cascade_stages={stages} ends at {stages[-1]} bits; set bits={stages[-1]} "
                     "(the width of the final model) or change the stages."
                 )
+        if self.checkpoint_dtype is not None:
+            self.checkpoint_dtype = str(self.checkpoint_dtype).removeprefix("torch.")
+            if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
+                raise ConfigError(f"checkpoint_dtype={self.checkpoint_dtype!r} is unknown; use one of "
+                                  f"{CHECKPOINT_DTYPES} (e.g. --dtype float16) or leave it unset.")
         if self.cascade_mode not in CASCADE_MODES:
             raise ConfigError(f"cascade_mode={self.cascade_mode!r} is unknown; use one of {CASCADE_MODES}.")
         if self.cascade_mode == "nested" and self.cascade_stages is not None:

@@ -21,6 +21,7 @@ from neural_quantization.config import QuantizationConfig
 from neural_quantization.formats.checkpoint import (
     attach_save_pretrained,
     gptq_quantization_config,
+    stored_bytes,
     unique_state_items,
 )
 from neural_quantization.models.discovery import find_decoder_layers
@@ -29,6 +30,7 @@ from neural_quantization.models.sequential import quantize_decoder_layers
 from neural_quantization.nn.qlinear import QuantLinear
 
 FP16_BYTES = 2
+FP16_MAX = 65504.0
 
 
 @dataclass
@@ -108,9 +110,40 @@ def resolve_devices(device: torch.device, devices: list[str] | None) -> list[tor
     return [device]
 
 
+def settle_checkpoint_dtype(model: nn.Module, requested: str | None) -> tuple[torch.dtype, str | None]:
+    """Choose the dtype of the unquantized float tensors (``QuantizationConfig.checkpoint_dtype``),
+    round them to it in place (their storage keeps the compute dtype) and record it as
+    ``model.config.dtype``, which the checkpoint stores them in. Returns ``(dtype, note or None)``.
+
+    Layers of a streamed run are on ``meta`` here; the checkpoint casts them when it writes their shards.
+    """
+    gptq_scales = {f"{name}.scales" for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    floats = [t for name, t in model.state_dict(keep_vars=True).items()
+              if t.is_floating_point() and not t.is_meta and name not in gptq_scales]
+    current = floats[0].dtype if floats else torch.float32
+    note = None
+    if not floats:
+        dtype = current
+    elif requested is not None:
+        dtype = getattr(torch, requested)
+    elif current in (torch.float16, torch.bfloat16):
+        dtype = current
+    else:
+        dtype = torch.float16
+        if any(float(t.detach().abs().max()) > FP16_MAX for t in floats if t.numel()):
+            dtype = torch.bfloat16
+            note = "unquantized tensors hold values beyond float16's range; the checkpoint stores them as bfloat16"
+    with torch.no_grad():
+        for t in floats:
+            if t.dtype != dtype and dtype.itemsize < t.dtype.itemsize:
+                t.data.copy_(t.data.to(dtype))
+    model.config.dtype = dtype
+    return dtype, note
+
+
 def measure_sizes(model: nn.Module, reference_fp16_bytes: int) -> dict[str, Any]:
-    """Bytes of the quantized model and of its quantized linears, against fp16."""
-    quantized_bytes = sum(t.numel() * t.element_size() for _, t in unique_state_items(model))
+    """Bytes of the quantized model (as its checkpoint stores it) and of its quantized linears, against fp16."""
+    quantized_bytes = stored_bytes(model)
     linear_fp16 = linear_packed = 0
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -230,6 +263,8 @@ class Quantizer:
 
         every_layer = [r for stage in stages for r in stage.layers] or layer_reports
         warnings = sorted({r.note for r in every_layer if r.note})
+        _, dtype_note = settle_checkpoint_dtype(model, config.checkpoint_dtype)
+        warnings += [dtype_note] if dtype_note else []
         model.config.quantization_config = gptq_quantization_config(
             config,
             base_model=model_name,

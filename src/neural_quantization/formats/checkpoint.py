@@ -35,18 +35,19 @@ fp16 scale times 16 (exact), and the 4-bit zero point is the 8-bit zero point (`
 shifted right by 4 (the 8-bit zero is ``16·z + 8``). The grid is derived in ``core/cascade.py``.
 
 Writing is atomic: everything goes to a temporary sibling directory that is renamed into place at
-the end, so an interrupted save never leaves a half-written checkpoint under the requested name.
+the end, so an interrupted save never leaves a half-written checkpoint under the requested name
+(``formats/directories.py`` owns the rules for which directories may be written or replaced).
+Loading checks the directory first (``formats/integrity.py``, then the tensors against the model
+that ``config.json`` builds), so a damaged checkpoint fails with one line before any work.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
 import os
 import shutil
-import tempfile
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,32 +60,13 @@ from torch import nn
 
 from neural_quantization import __version__
 from neural_quantization.config import QuantizationConfig
+from neural_quantization.formats.directories import check_output_dir, staged_directory
+from neural_quantization.formats.integrity import DTYPE_BYTES, CheckpointError, CheckpointInventory, inspect_checkpoint
 from neural_quantization.models.discovery import find_decoder_layers
 from neural_quantization.models.layer_storage import INDEX_FILE, CheckpointWeights, WorkDir
-from neural_quantization.nn.qlinear import swap_in_quant_linears
+from neural_quantization.nn.qlinear import QuantLinear, swap_in_quant_linears
 
 WEIGHTS_NAME = "model.safetensors"
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory exists and overwriting was not asked for."""
-
-
-class CheckpointError(ValueError):
-    """A directory is not a checkpoint this package can load."""
-
-
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early (before hours of work) when ``output_dir`` exists and ``overwrite`` is off."""
-    path = Path(output_dir)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(
-            f"output directory {path} already exists; choose another --output-dir or pass --overwrite "
-            "(overwrite=True) to replace it."
-        )
-    if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"{path} exists and is not a directory; choose another --output-dir.")
-    return path
 
 
 def gptq_quantization_config(
@@ -143,14 +125,38 @@ def unique_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor
 
 
+def checkpoint_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype the checkpoint stores unquantized float tensors in: ``model.config.dtype``
+    (the quantizer sets it; see ``QuantizationConfig.checkpoint_dtype``), or None to store them as they are."""
+    dtype = getattr(model.config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _stored_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
+    """``(name, tensor, dtype it is stored in)``: unquantized float tensors (embeddings, norms, biases,
+    ``lm_head``) in :func:`checkpoint_dtype`; the GPTQ tensors (fp16 ``scales`` included) as they are."""
+    dtype = checkpoint_dtype(model)
+    gptq = {f"{name}.scales" for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    for name, tensor in unique_state_items(model):
+        cast = dtype is not None and tensor.is_floating_point() and name not in gptq
+        yield name, tensor, dtype if cast else tensor.dtype
+
+
 def checkpoint_tensors(model: nn.Module, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors to store: the state dict without tied copies (nor names under ``skip_prefix``),
-    on the CPU, contiguous."""
+    on the CPU, contiguous, in their stored dtypes (:func:`_stored_items`)."""
     return {
-        name: tensor.detach().to("cpu").contiguous()
-        for name, tensor in unique_state_items(model)
+        name: tensor.detach().to("cpu", dtype).contiguous()
+        for name, tensor, dtype in _stored_items(model)
         if skip_prefix is None or not name.startswith(skip_prefix)
     }
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes the model's tensors take in its checkpoint (what :func:`checkpoint_tensors` would write)."""
+    return sum(tensor.numel() * dtype.itemsize for _, tensor, dtype in _stored_items(model))
 
 
 def save_quantized(
@@ -166,25 +172,6 @@ def save_quantized(
     with staged_directory(target) as staging:
         write_model_directory(staging, checkpoint_tensors(model), model.config, model, tokenizer)
     return target
-
-
-@contextlib.contextmanager
-def staged_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty sibling directory of ``target``; rename it to ``target`` when the block succeeds.
-
-    On any error the staging directory is removed and ``target`` is left as it was, so a crash
-    never leaves a half-written checkpoint under the requested name.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_model_directory(
@@ -232,15 +219,12 @@ def save_streamed(
     with staged_directory(target) as staging:
         for index in range(len(layers)):
             source, shard = work_dir.layer_file(index), staging / shard_names[index]
-            try:
-                os.link(source, shard)
-            except OSError:  # another file system, or links not allowed
-                shutil.copyfile(source, shard)
+            _store_layer_file(source, shard, checkpoint_dtype(model))
             with safe_open(str(shard), framework="pt") as f:
                 for name in f.keys():
                     weight_map[name] = shard_names[index]
                     sliced = f.get_slice(name)
-                    total_size += math.prod(sliced.get_shape()) * _DTYPE_BYTES[sliced.get_dtype()]
+                    total_size += math.prod(sliced.get_shape()) * DTYPE_BYTES[sliced.get_dtype()]
         save_file(rest, str(staging / shard_names[-1]), metadata={"format": "pt"})
         for name, tensor in rest.items():
             weight_map[name] = shard_names[-1]
@@ -251,7 +235,29 @@ def save_streamed(
     return target
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _store_layer_file(source: Path, shard: Path, dtype: torch.dtype | None) -> None:
+    """A work directory's layer file as a checkpoint shard: hard-linked (or copied) when its float
+    tensors are already in the checkpoint dtype, else rewritten with them cast (one layer in memory)."""
+    gptq = ("qweight", "qzeros", "scales", "g_idx")
+    with safe_open(str(source), framework="pt") as f:
+        recast = {name for name in f.keys() if dtype is not None and name.rsplit(".", 1)[-1] not in gptq
+                  and f.get_slice(name).get_dtype() in ("F32", "F16", "BF16")
+                  and f.get_slice(name).get_dtype() != _SAFETENSORS_DTYPE[dtype]}
+        if recast:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if not recast:
+        try:
+            os.link(source, shard)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(source, shard)
+        return
+    save_file({name: t.to(dtype) if name in recast else t for name, t in tensors.items()}, str(shard),
+              metadata={"format": "pt"})
+
+
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def attach_save_pretrained(model: nn.Module, tokenizer: Any = None, work_dir: WorkDir | None = None) -> nn.Module:
@@ -270,19 +276,67 @@ def attach_save_pretrained(model: nn.Module, tokenizer: Any = None, work_dir: Wo
 
 
 def read_quantization_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``quantization_config`` of a checkpoint directory, validated."""
-    path = Path(checkpoint_dir)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} has no config.json; pass the directory written by `neural-quantize`.")
-    quant = json.loads(config_file.read_text()).get("quantization_config")
-    if not quant or quant.get("quant_method") != "gptq":
-        raise CheckpointError(f"{path} is not a GPTQ checkpoint (config.json has no gptq quantization_config).")
-    if quant.get("checkpoint_format", "gptq") != "gptq":
-        raise CheckpointError(
-            f"{path} uses checkpoint_format={quant.get('checkpoint_format')!r}; only 'gptq' is supported."
-        )
-    return quant
+    """The ``quantization_config`` of a checkpoint directory, after :func:`validate_checkpoint`."""
+    return validate_checkpoint(checkpoint_dir).quantization_config
+
+
+def validate_checkpoint(checkpoint_dir: str | os.PathLike, check_values: bool = True) -> CheckpointInventory:
+    """Check that ``checkpoint_dir`` is a whole, consistent GPTQ checkpoint before anything loads it.
+
+    First the files alone (``formats/integrity.py``: config fields, safetensors sizes against their
+    headers, GPTQ tensor shapes and dtypes, finite scales), then the tensors against the model that
+    ``config.json`` builds (on ``meta``, no memory): every tensor must belong to that model with the
+    model's shape (a quantized layer by its ``in_features`` / ``out_features``), and every tensor
+    the model needs must be there. Raises :class:`CheckpointError` naming the first problem.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    inventory = inspect_checkpoint(checkpoint_dir, check_values=check_values)
+    path = inventory.path
+    try:
+        config = AutoConfig.from_pretrained(path)
+        del config.quantization_config
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path / 'config.json'} does not describe a model transformers can build ({first}).") \
+            from None
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    quantized = sorted(name[: -len(".qweight")] for name in inventory.tensors if name.endswith(".qweight"))
+    for name in quantized:
+        module = dict(model.named_modules()).get(name)
+        entry = inventory.tensors[f"{name}.qweight"]
+        g_idx = inventory.tensors.get(f"{name}.g_idx")
+        if not isinstance(module, nn.Linear):
+            raise CheckpointError(f"{entry.file}: quantized layer {name} is not a linear layer of the "
+                                  f"{type(model).__name__} that config.json describes (another model's checkpoint?).")
+        in_features = g_idx.shape[0] if g_idx is not None else module.in_features
+        if (in_features, entry.shape[1]) != (module.in_features, module.out_features):
+            raise CheckpointError(
+                f"{entry.file}: quantized layer {name} is {in_features}->{entry.shape[1]}, but config.json's model "
+                f"has {module.in_features}->{module.out_features} there (another model's checkpoint?)."
+            )
+    covered = {f"{name}.weight" for name in quantized}
+    for name, entry in inventory.tensors.items():
+        layer = name.rsplit(".", 1)[0]
+        if layer in quantized and name.rsplit(".", 1)[1] in ("qweight", "qzeros", "scales", "g_idx"):
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{entry.file}: tensor {name} is not part of the {type(model).__name__} that "
+                                  "config.json describes (another model's checkpoint?).")
+        if entry.shape != expected[name]:
+            raise CheckpointError(f"{entry.file}: tensor {name} has shape {list(entry.shape)}, config.json's model "
+                                  f"needs {list(expected[name])} (another model's checkpoint?).")
+    tied = _tied_parameter_names(model)
+    absent = [name for name in expected if name not in inventory.tensors and name not in covered and name not in tied
+              and not name.endswith("inv_freq")]
+    if absent:
+        raise CheckpointError(f"{path} lacks tensor {absent[0]}"
+                              + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else "")
+                              + " that config.json's model needs; the checkpoint is incomplete.")
+    return inventory
 
 
 def load_quantized(
@@ -298,30 +352,36 @@ def load_quantized(
     cascade checkpoint (e.g. 4 for stages [8, 4]) loads its narrow read, derived exactly from the
     stored tensors (see the module docstring). Any other value raises :class:`CheckpointError`.
 
-    The model is built from ``config.json``, every module with a ``qweight`` tensor is replaced by
-    a :class:`QuantLinear`, and all tensors are loaded as saved, so the logits equal those of the
-    in-memory quantized model. ``kernel_backend`` selects the matmul kernels.
+    The directory is checked first (:func:`validate_checkpoint`). The model is built from
+    ``config.json`` in ``dtype`` (default: the checkpoint's ``dtype``, the one its unquantized tensors
+    are stored in), every module with a ``qweight`` tensor is replaced by a :class:`QuantLinear`, and
+    the tensors are loaded as saved (unquantized floats cast to ``dtype``, which is exact from 16 bits
+    to float32), so at the dtype the quantized model ran in its logits equal the in-memory model's.
+    ``kernel_backend`` selects the matmul kernels.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(checkpoint_dir)
-    quant = read_quantization_config(path)
-    try:
-        weights = CheckpointWeights(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {WEIGHTS_NAME} (or {INDEX_FILE}); the checkpoint is incomplete.") from None
+    quant = validate_checkpoint(path).quantization_config
+    weights = CheckpointWeights(path)
 
     config = AutoConfig.from_pretrained(path)
     saved_quant = config.quantization_config
     del config.quantization_config  # build a plain model; the quantized layers are swapped in below
-    model_dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    stored_dtype = getattr(config, "dtype", None)
+    model_dtype = dtype or stored_dtype or torch.float32
     if isinstance(model_dtype, str):
         model_dtype = getattr(torch, model_dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
     config.quantization_config = saved_quant
+    config.dtype = stored_dtype  # what a re-save stores, whatever dtype this copy runs in
 
     names = weights.names()
     state = weights.read(names)
+    gptq_scales = {key[: -len(".qweight")] + ".scales" for key in names if key.endswith(".qweight")}
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and name not in gptq_scales and tensor.dtype != model_dtype:
+            state[name] = tensor.to(model_dtype)
     load_bits = _bits_to_load(quant, bits, path)
     if load_bits != quant["bits"]:
         for name in [key[: -len(".qweight")] for key in names if key.endswith(".qweight")]:

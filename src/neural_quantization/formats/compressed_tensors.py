@@ -198,7 +198,8 @@ def export_compressed_tensors(
     and the tokenizer. Load it with ``AutoModelForCausalLM.from_pretrained(dir)`` (needs the
     ``compressed-tensors`` package) or ``vllm serve dir``.
     """
-    from neural_quantization.formats.checkpoint import check_output_dir, staged_directory, write_model_directory
+    from neural_quantization.formats.checkpoint import write_model_directory
+    from neural_quantization.formats.directories import check_output_dir, staged_directory
 
     target = check_output_dir(output_dir, overwrite)
     ours = getattr(model.config, "quantization_config", None)
