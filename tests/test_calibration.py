@@ -66,7 +66,7 @@ def test_empty_file_and_missing_path(tmp_path):
     (tmp_path / "en.calib.txt").write_text("\n\n", encoding="utf-8")
     with pytest.raises(CalibrationDataError, match="holds no text"):
         load_language_texts(tmp_path, ["en"])
-    with pytest.raises(CalibrationDataError, match="does not exist"):
+    with pytest.raises(CalibrationDataError, match="No such file or directory"):
         load_language_texts(tmp_path / "nope", ["en"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(CalibrationDataError, match="holds no calibration files"):

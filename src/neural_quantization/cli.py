@@ -20,44 +20,58 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from neural_quantization.config import DEFAULT_LANGUAGES, QuantizationConfig
+from neural_quantization.checks import EXPORT_FORMATS
+from neural_quantization.config import CHECKPOINT_DTYPES, DEFAULT_LANGUAGES, QuantizationConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 DEMO_MODEL = "smollm2-135m"
 SUBCOMMANDS = ("quantize", "demo", "eval", "bench", "deploy-report")
-EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows each option's default once: not where the help already states it, not for options
+    whose default is None (their help says what happens), not for the "off" half of a pair."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default is None or action.default is argparse.SUPPRESS
+                or isinstance(action, argparse._StoreFalseAction)):
+            return text
+        return super()._get_help_string(action)
 
 
 def _add_quantization_options(p: argparse.ArgumentParser, defaults: QuantizationConfig) -> None:
     g = p.add_argument_group("quantization")
-    g.add_argument("--bits", type=int, default=defaults.bits, help="code width: 2, 3, 4 or 8")
+    g.add_argument("--bits", type=int, default=None,
+                   help=f"code width: 2, 3, 4 or 8 (default: {defaults.bits}; with --cascade-stages, the last stage)")
     g.add_argument(
         "--group-size", type=int, default=defaults.group_size,
         help="input columns sharing one scale/zero; -1 = one per output channel",
     )
     sym = g.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=defaults.sym, help="symmetric grid")
+    sym.add_argument("--sym", dest="sym", action="store_true", default=defaults.sym,
+                     help="symmetric grid, zero point fixed at 2^(bits-1) (the default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
     g.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
     g.add_argument("--static-groups", action="store_true", help="with --desc-act, fix group grids before the solve")
     g.add_argument("--damp", type=float, default=defaults.damp_percent, help="Hessian damping, fraction of its mean diagonal")
+    g.add_argument("--block-size", type=int, default=defaults.block_size, help="columns per lazy-update block of GPTQ")
+    g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=defaults.true_sequential,
+                   help="solve a layer's linears in execution order, each seeing the quantized outputs before it")
     g.add_argument("--mse-clip", action="store_true", help="search a clipping ratio per group (slower, often better at 2-3 bits)")
     g.add_argument("--method", choices=("gptq", "rtn"), default=defaults.method, help="solver")
     g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection")
     g.add_argument("--kernel-backend", choices=("auto", "torch", "triton", "marlin"), default=defaults.kernel_backend,
                    help="matmul kernels of the quantized model")
     g.add_argument("--cascade", action="store_true",
-                   help="cascade quantization through the widths of --cascade-stages (default 8 4)")
+                   help="cascade quantization through the widths of --cascade-stages (default stages: 8 4)")
     g.add_argument("--cascade-stages", type=int, nargs="+", default=None, metavar="BITS",
                    help="cascade widths, wide to narrow (implies --cascade); --bits defaults to the last one")
     g.add_argument("--cascade-mode", choices=("sequential", "nested"), default=None,
                    help="sequential: requantize stage by stage, recalibrating through each stage's model; "
-                   "nested: one checkpoint readable at both widths (implies --cascade) [default: sequential]")
+                   "nested: one checkpoint readable at both widths (implies --cascade) (default: sequential)")
     c = p.add_argument_group("calibration")
     c.add_argument(
         "--calibration-data", default=None,
@@ -71,7 +85,13 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
     c.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling and self-generated text")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=defaults.device, help="where each layer is solved: auto, cpu, cuda, cuda:1")
-    r.add_argument("--dtype", default=None, help="model dtype for loading (float32, float16, bfloat16); default per source")
+    r.add_argument("--dtype", default=None, choices=CHECKPOINT_DTYPES,
+                   help="the model's float dtype: for loading and for the checkpoint's unquantized tensors "
+                        "(embeddings, norms). Default: load as the source is stored (GGUF: float32 on CPU, bfloat16 "
+                        "on GPU) and store 16-bit (the source's 16-bit dtype, else float16)")
+    r.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own Python code from its directory or hub repository (off: never run "
+                        "code you have not read)")
     r.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
                    help="devices sharing the work, e.g. cuda:0 cuda:1 (default: every visible GPU for --device "
                         "auto/cuda)")
@@ -91,7 +111,7 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
 def _add_export_options(p: argparse.ArgumentParser) -> None:
     x = p.add_argument_group("output format and deployment")
     x.add_argument(
-        "--format", choices=EXPORT_FORMATS, default="gptq",
+        "--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0],
         help="gptq: our GPTQ checkpoint (transformers, vLLM); compressed-tensors: pack-quantized checkpoint "
         "(vLLM, transformers + compressed-tensors; 4/8 bits); gguf: the GPTQ checkpoint plus "
         "<output-dir name>-Q4_0.gguf / -Q8_0.gguf inside it for llama.cpp (needs --group-size 32, --sym)",
@@ -109,7 +129,11 @@ def _add_eval_options(p: argparse.ArgumentParser, with_eval_data_help: str) -> N
     e.add_argument("--max-eval-windows", type=int, default=None, help="cap on windows per language (all by default)")
     e.add_argument("--max-degradation", type=float, default=2.0, help="gate: average perplexity increase, %%")
     e.add_argument("--max-language-degradation", type=float, default=3.0, help="gate: worst language's increase, %%")
-    e.add_argument("--no-fail-on-gate", action="store_true", help="exit 0 even when a gate fails")
+    fail = e.add_mutually_exclusive_group()
+    fail.add_argument("--fail-on-gate", dest="no_fail_on_gate", action="store_false", default=False,
+                      help="exit 3 when a quality gate fails (what quantize and eval do unless told otherwise)")
+    fail.add_argument("--no-fail-on-gate", dest="no_fail_on_gate", action="store_true",
+                      help="exit 0 even when a gate fails")
     e.add_argument("--report-json", default=None, help="write the JSON report here (plus .md and .png beside it)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -130,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save a GPTQ checkpoint", formatter_class=_Formatter)
     q.add_argument("--model-name", required=True,
                    help="alias (smollm2-135m, gemma3-270m), local directory, .gguf file or Hugging Face id")
-    q.add_argument("--output-dir", required=True, help="where to write the checkpoint (must not exist)")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    q.add_argument("--output-dir", required=True,
+                   help="where to write the checkpoint: a new or empty directory (never . or above it)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output-dir, only if it holds a checkpoint of ours and nothing else")
     _add_quantization_options(q, defaults)
     _add_export_options(q)
     _add_eval_options(q, "evaluate per language right after quantizing: directory of {lang}.eval.txt / {lang}.txt")
@@ -139,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help=f"quantize the built-in {DEMO_MODEL} end to end on this machine",
                        formatter_class=_Formatter)
     d.add_argument("--output-dir", default=f"{DEMO_MODEL}-gptq-w4g64", help="where to write the checkpoint")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output-dir, only if it holds a checkpoint of ours and nothing else")
     d.add_argument("--model-name", default=DEMO_MODEL, help="model to quantize")
     demo_defaults = QuantizationConfig(group_size=64, num_samples=32, seq_len=256)
     _add_quantization_options(d, demo_defaults)
@@ -154,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline", default=None, help="reference model; default: the base model recorded in the checkpoint")
     e.add_argument("--target-languages", nargs="+", default=list(DEFAULT_LANGUAGES), help="languages to evaluate")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.add_argument("--trust-remote-code", action="store_true", help="run the baseline model's own Python code")
     _add_eval_options(e, "directory of {lang}.eval.txt / {lang}.txt files (required)")
 
     # The benchmarks own their options (kernels/bench.py, kernels/decode_bench.py);
@@ -188,14 +216,15 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 
 def _cascade_from_args(args: argparse.Namespace) -> tuple[list[int] | None, str, int]:
-    """(cascade_stages, cascade_mode, bits): --cascade-stages / --cascade-mode imply --cascade."""
+    """(cascade_stages, cascade_mode, bits): --cascade-stages / --cascade-mode imply --cascade, and
+    --bits left out means the cascade's last width (an explicit --bits must agree with it)."""
     stages = getattr(args, "cascade_stages", None)
     mode = getattr(args, "cascade_mode", None)
     if stages is None and (getattr(args, "cascade", False) or mode is not None):
         stages = [8, 4]
     bits = args.bits
-    if stages and bits == QuantizationConfig().bits and bits != stages[-1]:
-        bits = stages[-1]  # --bits left at its default: the cascade's last width decides
+    if bits is None:
+        bits = stages[-1] if stages else QuantizationConfig().bits
     return stages, mode or "sequential", bits
 
 
@@ -208,6 +237,8 @@ def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
         mse_clip=args.mse_clip,
         method=args.method,
         damp_percent=args.damp,
+        block_size=args.block_size,
+        true_sequential=args.true_sequential,
         desc_act=args.desc_act,
         static_groups=args.static_groups,
         quantize_lm_head=args.quantize_lm_head,
@@ -220,6 +251,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
         device=args.device,
         cascade_stages=cascade_stages,
         cascade_mode=cascade_mode,
+        checkpoint_dtype=args.dtype,
     )
 
 
@@ -266,30 +298,92 @@ def _write_reports(report: dict[str, Any], path: str | None, console: Any) -> No
     console.print(f"Report written to {json_path} (+ .md{', .png' if chart else ''})")
 
 
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be positive.")
+
+
+def run_request(args: argparse.Namespace, config: QuantizationConfig, demo: bool) -> Any:
+    """The :class:`~neural_quantization.checks.RunRequest` the options of ``quantize`` / ``demo`` describe."""
+    from neural_quantization.checks import RunRequest
+
+    return RunRequest(
+        model_name=args.model_name, output_dir=args.output_dir, config=config, overwrite=args.overwrite,
+        calibration_data=args.calibration_data, eval_data=args.eval_data, eval_seq_len=args.eval_seq_len,
+        self_evaluate=demo and not args.eval_data, export_format=args.format, devices=args.devices,
+        work_dir=args.work_dir, resume=args.resume, stream_weights=args.stream_weights,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _resume_command(argv: list[str]) -> str:
+    import shlex
+
+    return "neural-quantize " + " ".join(shlex.quote(a) for a in [*argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
+    """``quantize`` / ``demo``: every check first (``checks.check_run``), then load, quantize, save, report.
+
+    Ctrl-C (or a failure) during the work leaves the work directory when it holds finished layers
+    (the message gives the ``--resume`` command) and removes it when it holds none.
+    """
     import torch
     from rich.console import Console
 
+    from neural_quantization.checks import check_run
+    from neural_quantization.evaluation import QualityGates
+    from neural_quantization.formats.directories import directory_bytes, remove_stale_staging
+
+    console = Console(stderr=False)
+    config = config_from_args(args)
+    gates = QualityGates(args.max_degradation, args.max_language_degradation)
+    _check_positive(args, "max_eval_windows", "edge_context", "edge_batch")
+    checked = check_run(run_request(args, config, demo))  # nothing loaded or written before this passes
+    for path, size in remove_stale_staging(checked.output_dir):
+        console.print(f"[yellow]note:[/yellow] removed {path}, left by an interrupted save ({size / 2**20:.1f} MiB).")
+    work_dir = checked.work_dir
+    if checked.finished_work_dir:
+        size = directory_bytes(work_dir)
+        shutil.rmtree(work_dir)
+        console.print(f"[yellow]note:[/yellow] removed {work_dir}, the work directory of a finished run "
+                      f"({size / 2**20:.1f} MiB).")
+    fresh_work_dir = work_dir is not None and not work_dir.exists()
+    torch.manual_seed(config.seed)
+    try:
+        return _quantize_checked(args, config, gates, checked, console, demo)
+    except BaseException as err:
+        finished = sorted(work_dir.glob("layers/layer-*.safetensors")) if work_dir is not None else []
+        if work_dir is not None and fresh_work_dir and not finished:
+            shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume: leave no trace
+        if isinstance(err, KeyboardInterrupt):
+            if finished:
+                print(f"neural-quantize: interrupted. {len(finished)} finished layers are kept in {work_dir}; "
+                      f"continue with:\n    {_resume_command(getattr(args, 'argv', []))}", file=sys.stderr)
+            else:
+                print("neural-quantize: interrupted before any layer finished; nothing was written.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
+
+
+def _quantize_checked(args: argparse.Namespace, config: QuantizationConfig, gates: Any, checked: Any, console: Any,
+                      demo: bool) -> int:
     from neural_quantization.calibration.self_generated import generate_calibration_texts
-    from neural_quantization.evaluation import QualityGates, all_passed, compare_languages, evaluate_gates
-    from neural_quantization.evaluation import reference_languages
-    from neural_quantization.formats.checkpoint import check_output_dir
+    from neural_quantization.evaluation import all_passed, compare_languages, evaluate_gates, reference_languages
     from neural_quantization.models.discovery import find_decoder_layers
+    from neural_quantization.models.layer_storage import WorkDir
     from neural_quantization.models.loading import load_model
     from neural_quantization.quantizer import Quantizer
     from neural_quantization.reporting.progress import layer_progress
     from neural_quantization.reporting.report import build_report
     from neural_quantization.reporting.terminal import render_languages, render_summary
 
-    console = Console(stderr=False)
-    config = config_from_args(args)
-    gates = QualityGates(args.max_degradation, args.max_language_degradation)
-    check_output_dir(args.output_dir, args.overwrite)  # before any expensive work
-    work_dir = _work_dir(args, config)
-    torch.manual_seed(config.seed)
-
+    work_dir = str(checked.work_dir) if checked.work_dir is not None else None
     console.print(f"Loading {args.model_name}{' (decoder layers stream from disk)' if args.stream_weights else ''} ...")
-    loaded = load_model(args.model_name, dtype=_dtype(args.dtype), stream_weights=args.stream_weights)
+    loaded = load_model(args.model_name, dtype=_dtype(args.dtype), stream_weights=args.stream_weights,
+                        trust_remote_code=args.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     _print_preflight(model, config, args, console)
 
@@ -326,6 +420,8 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
     path = save_in_format(quantized, tokenizer, loaded, args, console)
     if work_dir is not None and not args.keep_work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is complete; nothing left to resume
+    elif work_dir is not None:
+        WorkDir.mark_finished(work_dir, path)  # kept, but the next run into the same place need not resume it
 
     language_results = {}
     if references is not None:
@@ -384,11 +480,15 @@ def _cascade_stage_results(quantized, results, references, language_results, arg
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    """``eval``: check the checkpoint and the data first, then evaluate it against its base model per
+    language (the quantized model runs in the reference's dtype, so only quantization differs)."""
     from rich.console import Console
 
+    from neural_quantization.calibration.sources import check_language_source
+    from neural_quantization.checks import check_devices
     from neural_quantization.evaluation import QualityGates, all_passed, evaluate_gates, evaluate_languages
-    from neural_quantization.formats.checkpoint import load_quantized, read_quantization_config
-    from neural_quantization.models.loading import load_model
+    from neural_quantization.formats.checkpoint import load_quantized, validate_checkpoint
+    from neural_quantization.models.loading import load_model, resolve_model
     from neural_quantization.reporting.report import build_report
     from neural_quantization.reporting.terminal import render_languages, render_summary
 
@@ -396,16 +496,23 @@ def run_eval(args: argparse.Namespace) -> int:
     if not args.eval_data:
         raise ValueError("eval needs --eval-data DIR (a directory of {lang}.eval.txt or {lang}.txt files).")
     gates = QualityGates(args.max_degradation, args.max_language_degradation)
-    quant = read_quantization_config(args.model)
+    _check_positive(args, "max_eval_windows")
+    if args.eval_seq_len < 2:
+        raise ValueError(f"--eval-seq-len {args.eval_seq_len} must be at least 2 (512 is usual).")
+    check_devices(args.device)
+    quant = validate_checkpoint(args.model).quantization_config  # a broken checkpoint fails before any work
     record = quant.get("neural_quantization", {})
     baseline = args.baseline or record.get("base_model")
     if not baseline:
         raise ValueError(f"{args.model} records no base model; pass --baseline MODEL.")
+    resolve_model(baseline)
+    check_language_source(args.eval_data, args.target_languages, split="eval")
     texts = _evaluation_texts(args.eval_data, args.target_languages)
-    reference = load_model(baseline)
+    reference = load_model(baseline, trust_remote_code=args.trust_remote_code)
+    reference_dtype = next(reference.model.parameters()).dtype
     device = None if args.device == "auto" else args.device
     results = evaluate_languages(
-        reference.model, lambda: load_quantized(args.model), reference.tokenizer, texts,
+        reference.model, lambda: load_quantized(args.model, dtype=reference_dtype), reference.tokenizer, texts,
         seq_len=args.eval_seq_len, max_windows_per_language=args.max_eval_windows,
         device=device, show_progress=not args.quiet,
     )
@@ -420,28 +527,6 @@ def run_eval(args: argparse.Namespace) -> int:
         console.print("[red]A quality gate failed[/red] (exit 3; --no-fail-on-gate to ignore).")
         return EXIT_GATE_FAILED
     return 0
-
-
-def _work_dir(args: argparse.Namespace, config: QuantizationConfig) -> str | None:
-    """The run's work directory: --work-dir, else OUTPUT_DIR.work (cascade runs use none).
-
-    Fails before loading the model when the options cannot work together.
-    """
-    if args.stream_weights and (args.eval_data or getattr(args, "format", "gptq") != "gptq"):
-        raise ValueError("--stream-weights writes a --format gptq checkpoint without evaluating it (the float "
-                         "model is never in memory); evaluate it afterwards with `neural-quantize eval`.")
-    if config.cascade_stages:
-        if args.work_dir or args.resume or args.stream_weights:
-            raise ValueError("cascade runs cannot use --work-dir, --resume or --stream-weights yet.")
-        return None
-    work_dir = args.work_dir or f"{str(args.output_dir).rstrip('/')}.work"
-    if not args.resume and Path(work_dir, "run.json").is_file():
-        raise ValueError(f"{work_dir} holds an interrupted run: pass --resume to continue it, or remove the "
-                         "directory to start over.")
-    if args.resume and not Path(work_dir, "run.json").is_file():
-        raise ValueError(f"--resume: {work_dir} holds no interrupted run; pass the --work-dir of that run "
-                         "(default: OUTPUT_DIR.work), or drop --resume.")
-    return work_dir
 
 
 def _print_preflight(model: Any, config: QuantizationConfig, args: argparse.Namespace, console: Any) -> None:
@@ -462,22 +547,6 @@ def _print_preflight(model: Any, config: QuantizationConfig, args: argparse.Name
             args.offload_activations = True
             console.print("The calibration activations will wait in host memory between layers "
                           "(--offload-activations, chosen because the run does not fit the GPU otherwise).")
-
-
-def check_export_format(args: argparse.Namespace) -> None:
-    """Raise (exit 2) when ``--format`` cannot hold what the quantization options would produce."""
-    fmt = getattr(args, "format", "gptq")
-    if fmt == "gptq":
-        return
-    config = config_from_args(args)
-    if getattr(config, "cascade_mode", None) == "nested":
-        raise ValueError(f"--format {fmt} cannot hold a nested cascade (two widths in one set of codes); "
-                         "use --format gptq or --cascade-mode sequential.")
-    if fmt == "compressed-tensors":
-        from neural_quantization.formats.compressed_tensors import check_export_config
-    else:
-        from neural_quantization.formats.gguf_export import check_export_config
-    check_export_config(config)
 
 
 def save_in_format(quantized: Any, tokenizer: Any, loaded: Any, args: argparse.Namespace, console: Any) -> Path:
@@ -546,20 +615,15 @@ def run_bench(bench_args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
-    if argv[:1] == ["bench"]:
-        try:
-            return run_bench(argv[1:])
-        except ValueError as err:
-            print(f"neural-quantize: error: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_BAD_INPUT
     try:
-        if args.command in ("quantize", "demo"):
-            check_export_format(args)  # bad format combinations fail before any model is loaded
+        if argv[:1] == ["bench"]:
+            return run_bench(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.argv = argv
+        if args.command is None:
+            parser.print_help()
+            return EXIT_BAD_INPUT
         if args.command == "quantize":
             return run_quantize(args)
         if args.command == "demo":
@@ -570,8 +634,18 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(args)
         return run_bench(args.bench_args)
     except _user_errors() as err:
-        print(f"neural-quantize: error: {err}", file=sys.stderr)
+        print(f"neural-quantize: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("neural-quantize: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (a multi-line message, e.g. the list of ways to name a model,
+    has its lines joined), so scripts and logs get one line per failure."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines) or type(err).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

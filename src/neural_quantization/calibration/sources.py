@@ -26,7 +26,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["CalibrationDataError", "CalibrationSource", "load_language_texts", "split_lines"]
+__all__ = ["CalibrationDataError", "CalibrationSource", "check_language_source", "load_language_texts", "split_lines"]
 
 CalibrationSource = str | os.PathLike | Sequence[str] | Mapping[str, str | Sequence[str]]
 
@@ -135,15 +135,20 @@ def _from_mapping(
     return _check_nonempty({lang: split_lines(data[lang]) for lang in wanted}, "the calibration dict")
 
 
-def _from_hf(spec: str, languages: list[str] | None, split: str) -> dict[str, list[str]]:
-    """``<dataset_id>[:config][:split]``; the first string column (``text`` preferred) is used."""
+def _import_datasets(spec: str) -> None:
     try:
         import datasets  # noqa: F401  (optional dependency, imported only for this path)
-    except ImportError as e:
+    except ImportError:
         raise CalibrationDataError(
-            f"Loading calibration data from the Hugging Face dataset {spec!r} needs the `datasets` "
-            "package: pip install datasets. Or pass a local directory of {lang}.calib.txt files."
-        ) from e
+            f"{spec!r} is not a local file or directory, and reading it as a Hugging Face dataset needs the "
+            "`datasets` package (pip install datasets). Check the path, or pass a local directory of "
+            "{lang}.calib.txt files."
+        ) from None
+
+
+def _from_hf(spec: str, languages: list[str] | None, split: str) -> dict[str, list[str]]:
+    """``<dataset_id>[:config][:split]``; the first string column (``text`` preferred) is used."""
+    _import_datasets(spec)
     from datasets import load_dataset
 
     parts = spec.split(":")
@@ -202,17 +207,38 @@ def load_language_texts(
             "a list of strings, a dict {language: texts}, or 'hf:<dataset_id>'."
         )
     name = os.fspath(source)
-    if name.startswith("hf:"):
-        return _from_hf(name[3:], langs, split)
+    spec = _dataset_spec(name)
+    if spec is not None:
+        return _from_hf(spec, langs, split)
     path = Path(name).expanduser()
     if path.is_dir():
         return _from_directory(path, langs, split)
     if path.is_file():
         return _from_file(path, langs)
-    if _HUB_ID.match(name):
-        return _from_hf(name, langs, split)
     raise CalibrationDataError(
-        f"Calibration source {name!r} does not exist. Pass a directory of {{lang}}.{split}.txt files, a text "
-        "file, 'hf:<dataset_id>[:config][:split]' for a Hugging Face dataset, or leave it out to let the "
-        "model generate its own calibration text."
+        f"No such file or directory: {name!r} (looked in {Path.cwd()}). Pass a directory of {{lang}}.{split}.txt "
+        "files, a text file, 'hf:<dataset_id>[:config][:split]' for a Hugging Face dataset, or leave it out to "
+        "let the model generate its own calibration text."
     )
+
+
+def _dataset_spec(name: str) -> str | None:
+    """The Hugging Face dataset a source string names (``hf:<spec>``, or an ``org/name`` that is not a
+    local path and whose first part is not a local directory, which would make it a mistyped path)."""
+    if name.startswith("hf:"):
+        return name[3:]
+    if _HUB_ID.match(name) and not Path(name).expanduser().exists() and not Path(name.split("/")[0]).is_dir():
+        return name
+    return None
+
+
+def check_language_source(source: CalibrationSource, languages: Sequence[str] | str | None, split: str = "calib") -> None:
+    """Fail now, before any model loads, when ``source`` cannot give text for ``languages``.
+
+    Local files and Python objects are read and checked as :func:`load_language_texts` does; a
+    Hugging Face dataset (network) is only checked for the ``datasets`` package.
+    """
+    if isinstance(source, (str, os.PathLike)) and _dataset_spec(os.fspath(source)) is not None:
+        _import_datasets(os.fspath(source))
+        return
+    load_language_texts(source, languages, split)

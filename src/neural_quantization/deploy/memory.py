@@ -154,6 +154,18 @@ def checkpoint_weight_files(directory: str | os.PathLike) -> dict[str, list[Path
     return out
 
 
+def _check_weight_files(directory: Path) -> None:
+    """A measured figure is only as good as the files: every safetensors file must be as long as its
+    header says, and a GPTQ checkpoint must pass ``formats/integrity.py``'s checks (headers only)."""
+    from neural_quantization.formats.integrity import inspect_checkpoint, read_safetensors_header
+
+    if _stored_format(directory) == "gptq":
+        inspect_checkpoint(directory, check_values=False)
+        return
+    for file in sorted(directory.glob("*.safetensors")):
+        read_safetensors_header(file)
+
+
 def _stored_format(directory: Path) -> str:
     config_file = directory / "config.json"
     if not config_file.is_file():
@@ -245,6 +257,7 @@ def memory_report(
     measured = path.is_dir() and any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir())
     weights: dict[str, dict[str, Any]] = {}
     if measured:
+        _check_weight_files(path)
         for fmt, files in checkpoint_weight_files(path).items():
             weights[fmt] = {"bytes": sum(p.stat().st_size for p in files), "files": [p.name for p in files]}
     else:

@@ -306,18 +306,21 @@ def format_summary(result: dict) -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="neural-quantize bench", description=__doc__.split("\n")[0])
+    parser = parser or argparse.ArgumentParser(prog="neural-quantize bench", description=__doc__.split("\n")[0],
+                                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--shapes", default=",".join(MISTRAL_7B_SHAPES),
                         help="comma-separated names from " + ", ".join(MISTRAL_7B_SHAPES) + " or KxN pairs")
-    parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
-    parser.add_argument("--dtypes", default="float16,bfloat16")
-    parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
+                        help="comma-separated activation rows (M) to time")
+    parser.add_argument("--dtypes", default="float16,bfloat16", help="comma-separated activation dtypes")
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 8), help="code width of the packed weights")
+    parser.add_argument("--group-size", type=int, default=128, help="input columns per scale")
     parser.add_argument("--asym", action="store_true", help="asymmetric zero points")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--graph-calls", type=int, default=20)
-    parser.add_argument("--no-tinygemm", action="store_true")
-    parser.add_argument("--output", default=None, help="write the JSON result here")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per case (the median is reported)")
+    parser.add_argument("--graph-calls", type=int, default=20, help="calls captured per CUDA graph")
+    parser.add_argument("--no-tinygemm", action="store_true",
+                        help="skip PyTorch's int4 kernel (_weight_int4pack_mm) as a baseline")
+    parser.add_argument("--output", default=None, help="write the JSON result here (default: print only)")
     return parser
 
 

@@ -274,20 +274,21 @@ def run(layers: int = 32, batches=(1, 8), prompt_len: int = 16, steps: int = 20,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neural-quantize bench decode", description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--max-cache-len", type=int, default=256)
+    parser = argparse.ArgumentParser(prog="neural-quantize bench decode", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the Mistral-7B-shaped model")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes to decode")
+    parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens before decoding")
+    parser.add_argument("--steps", type=int, default=20, help="decode steps timed per repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+    parser.add_argument("--max-cache-len", type=int, default=256, help="length of the static KV cache")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (both precisions) before capturing it in a CUDA graph")
     parser.add_argument("--profile", action="store_true",
                         help="also record where each step's GPU time goes (torch.profiler over graph replays)")
     parser.add_argument("--no-fuse", action="store_true",
                         help="skip the second int4 run with q/k/v and gate/up fused (fuse_projections)")
-    parser.add_argument("--output", default=None)
+    parser.add_argument("--output", default=None, help="write the JSON result here (default: print only)")
     return parser
 
 

@@ -18,6 +18,8 @@ Two independent options of the layer pipeline (``models/sequential.py``):
 Layout of a work directory::
 
     run.json                      the run's fingerprint (config, calibration tokens, model), checked on resume
+    finished.json                 written once the run's checkpoint is saved (a kept work dir of a finished
+                                  run: the next run into the same place removes it instead of refusing)
     layers/layer-00000.json          the layer's solve reports (loss, damping, seconds per linear)
     layers/layer-00000.safetensors   its tensors; written last, so its presence marks the layer finished
     ...
@@ -38,6 +40,7 @@ from torch import nn
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+FINISHED_FILE = "finished.json"
 
 
 class WorkDirError(ValueError):
@@ -117,6 +120,16 @@ class WorkDir:
         self.layers.mkdir(parents=True, exist_ok=True)
         if not run_file.is_file():
             _atomic_write_text(run_file, json.dumps(fingerprint, indent=1, sort_keys=True))
+
+    @staticmethod
+    def is_finished(path: str | os.PathLike) -> bool:
+        """Whether the work directory at ``path`` belongs to a run whose checkpoint was saved."""
+        return (Path(path) / FINISHED_FILE).is_file()
+
+    @staticmethod
+    def mark_finished(path: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
+        """Record that the run in work directory ``path`` saved its checkpoint (at ``checkpoint``)."""
+        _atomic_write_text(Path(path) / FINISHED_FILE, json.dumps({"checkpoint": str(checkpoint)}))
 
     def layer_file(self, index: int) -> Path:
         return self.layers / f"layer-{index:05d}.safetensors"

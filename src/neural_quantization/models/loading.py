@@ -48,6 +48,7 @@ __all__ = [
     "ResolvedModel",
     "cache_dir",
     "load_model",
+    "load_model_config",
     "resolve_model",
 ]
 
@@ -311,7 +312,9 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> ResolvedModel:
             f"{_how_to_name_a_model()}"
         )
 
-    if _HUB_ID.match(name):  # starts with a letter or digit, so ./x, /x and ~/x stay paths
+    # An org/name that starts with a letter or digit is a hub id, unless its first part is a local
+    # directory (then it is a mistyped path); ./x, /x and ~/x always stay paths.
+    if _HUB_ID.match(name) and not Path(name.split("/")[0]).is_dir():
         return ResolvedModel("hub", name, name, None, f"Hugging Face hub model {name}")
 
     hint = ""
@@ -323,6 +326,74 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> ResolvedModel:
     else:
         hint = f"No file or directory {path.resolve()} exists.\n"
     raise ModelNotFoundError(f"Cannot find model {name!r}. {hint}{_how_to_name_a_model()}")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_hub_model(model_id: str) -> None:
+    """Fail fast, with one attempt and a clear message, when hub model ``model_id`` cannot be had.
+
+    In offline mode (``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``) the model must be in the
+    local cache; otherwise one metadata request (10 s time-out, no retries) tells whether the hub
+    is reachable and holds the model, before transformers' own downloads (which retry for a minute).
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            return
+        raise ModelNotFoundError(
+            f"{model_id!r} looks like a Hugging Face hub id, but offline mode is on (HF_HUB_OFFLINE / "
+            "TRANSFORMERS_OFFLINE) and the model is not in the local cache. Unset offline mode to download it, "
+            "or pass a local directory or .gguf file."
+        )
+    try:
+        HfApi().model_info(model_id, timeout=10)
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"{model_id} is a gated model: accept its licence on its hub page, then log in (`hf auth login`)."
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"The Hugging Face hub has no model {model_id!r} (or it is private: log in with `hf auth login`). "
+            f"Check the id, or pass a local directory.\n{_how_to_name_a_model()}"
+        ) from None
+    except Exception as err:  # network errors of any HTTP client: one attempt, then a clear message
+        raise ModelNotFoundError(
+            f"Cannot reach the Hugging Face hub for {model_id!r} ({type(err).__name__}: {err}). Check the network "
+            "(or HF_ENDPOINT), set HF_HUB_OFFLINE=1 to use a model already in the cache, or pass a local "
+            "directory or .gguf file."
+        ) from None
+
+
+def load_model_config(resolved: ResolvedModel, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a resolved model, without reading any weight.
+
+    A GGUF file's config comes from its metadata (transformers parses the header: seconds); a hub
+    model is probed once first (:func:`check_hub_model`). Models with custom code need
+    ``trust_remote_code`` (``--trust-remote-code``), which is never assumed.
+    """
+    from transformers import AutoConfig
+
+    if resolved.kind == "hub":
+        check_hub_model(resolved.name)
+    kwargs = resolved.pretrained_kwargs()
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    try:
+        return AutoConfig.from_pretrained(resolved.path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        text = str(err)
+        if "trust_remote_code" in text:
+            raise ModelNotFoundError(
+                f"{resolved.description} uses custom model code; read it, then pass --trust-remote-code "
+                "(trust_remote_code=True) to run it."
+            ) from None
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+        raise ModelNotFoundError(f"Cannot read the config of {resolved.description}: {first}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,236 @@
+"""Every check a quantization run can make before it reads a model weight.
+
+A run that fails after an hour on something knowable at its start is the worst kind of failure,
+so :func:`check_run` looks at everything a :class:`RunRequest` names, cheapest first, and raises
+an error whose message says how to fix the problem (the CLI turns it into one line and exit 2):
+
+1. option combinations: the export format against the quantization options, work-directory
+   options (``--resume``, ``--stream-weights``, cascades), evaluation settings;
+2. the device(s): parseable, present on this machine (``cuda:3`` on a 1-GPU machine, CUDA on a
+   CPU-only machine);
+3. the output directory (``formats/directories.py``: never the current directory or above, only
+   our own checkpoints are replaced) and the work directory (an interrupted run is resumed or
+   refused, a finished one is noted for removal);
+4. the calibration and evaluation data: local files are read and every language must have text;
+   self-generated calibration needs built-in prompts for each language;
+5. the model's config, without its weights (a GGUF header, a ``config.json``, one hub request):
+   the architecture must be one whose decoder layers we find (built on ``meta``: no memory), the
+   export format must support it, ``--seq-len`` must fit its context, and streaming needs a
+   safetensors checkpoint.
+
+Nothing is written: a failing check leaves the file system as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neural_quantization.config import ConfigError, QuantizationConfig
+
+EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf")
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+__all__ = ["EXPORT_FORMATS", "CheckedRun", "RunRequest", "check_devices", "check_run", "model_context"]
+
+
+@dataclass
+class RunRequest:
+    """What a quantization run was asked to do (the CLI's options; Python users may build one too)."""
+
+    model_name: str
+    output_dir: str | os.PathLike
+    config: QuantizationConfig
+    overwrite: bool = False
+    calibration_data: Any = None
+    eval_data: str | os.PathLike | None = None
+    eval_seq_len: int = 512
+    self_evaluate: bool = False  # the demo: evaluation text the model writes itself
+    export_format: str = "gptq"
+    devices: list[str] | None = None
+    work_dir: str | os.PathLike | None = None
+    resume: bool = False
+    stream_weights: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class CheckedRun:
+    """What the checks found: where the model is, its config, and the directories the run will use."""
+
+    resolved: Any  # models.loading.ResolvedModel
+    model_config: Any  # the transformers config
+    output_dir: Path
+    work_dir: Path | None
+    finished_work_dir: bool = False  # work_dir holds a finished run, to be removed before this one
+
+
+def check_devices(device: str, devices: list[str] | None = None) -> None:
+    """Raise ``ValueError`` with the fix when ``device`` or any of ``devices`` does not exist here."""
+    names = ([] if device == "auto" else [device]) + list(devices or [])
+    if devices and len(set(devices)) != len(devices):
+        raise ValueError(f"--devices {' '.join(devices)} names a device twice; name each device once.")
+    for name in names:
+        flag = "--devices" if devices and name in devices else "--device"
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{flag} {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"{flag} {name} was asked for, but no CUDA device is visible here; use --device cpu.")
+            count = torch.cuda.device_count()
+            if dev.index is not None and dev.index >= count:
+                raise ValueError(f"{flag} {name} does not exist: this machine has {count} CUDA device(s), "
+                                 f"cuda:0 to cuda:{count - 1}.")
+        elif dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"{flag} {name} was asked for, but MPS is not available here; use --device cpu.")
+        elif dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"{flag} {name}: only cpu, cuda and mps devices are supported.")
+
+
+def _check_export_format(request: RunRequest) -> None:
+    fmt, config = request.export_format, request.config
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"--format {fmt!r} is unknown; use one of {', '.join(EXPORT_FORMATS)}.")
+    if fmt == "gptq":
+        return
+    if config.cascade_stages and config.cascade_mode == "nested":
+        raise ValueError(f"--format {fmt} cannot hold a nested cascade (two widths in one set of codes); "
+                         "use --format gptq or --cascade-mode sequential.")
+    if fmt == "compressed-tensors":
+        from neural_quantization.formats.compressed_tensors import check_export_config
+    else:
+        from neural_quantization.formats.gguf_export import check_export_config
+    check_export_config(config)
+
+
+def _check_work_dir(request: RunRequest) -> tuple[Path | None, bool]:
+    """(the run's work directory or None, whether it holds a finished run to remove first)."""
+    from neural_quantization.models.layer_storage import WorkDir
+
+    config = request.config
+    if request.stream_weights and (request.eval_data or request.self_evaluate or request.export_format != "gptq"):
+        raise ValueError("--stream-weights writes a --format gptq checkpoint without evaluating it (the float "
+                         "model is never in memory); evaluate it afterwards with `neural-quantize eval`.")
+    if config.cascade_stages:
+        if request.work_dir or request.resume or request.stream_weights:
+            raise ValueError("cascade runs cannot use --work-dir, --resume or --stream-weights yet.")
+        return None, False
+    work_dir = Path(request.work_dir or f"{str(request.output_dir).rstrip('/')}.work").expanduser()
+    if work_dir.resolve() == Path(request.output_dir).expanduser().resolve():
+        raise ValueError("--work-dir must differ from --output-dir (the checkpoint replaces its directory).")
+    started, finished = (work_dir / "run.json").is_file(), WorkDir.is_finished(work_dir)
+    if request.resume and not started:
+        raise ValueError(f"--resume: {work_dir} holds no interrupted run; pass the --work-dir of that run "
+                         "(default: OUTPUT_DIR.work), or drop --resume.")
+    if request.resume and finished:
+        raise ValueError(f"--resume: the run in {work_dir} already finished and saved its checkpoint; drop --resume "
+                         "to run again.")
+    if started and not finished and not request.resume:
+        raise ValueError(f"{work_dir} holds an interrupted run: pass --resume to continue it, or remove the "
+                         "directory to start over.")
+    if work_dir.exists() and not started and (not work_dir.is_dir() or any(work_dir.iterdir())):
+        raise ValueError(f"--work-dir {work_dir} exists and is not a work directory of ours; choose a new or "
+                         "empty directory.")
+    return work_dir, finished
+
+
+def _check_data(request: RunRequest) -> None:
+    from neural_quantization.calibration.self_generated import PROMPTS
+    from neural_quantization.calibration.sources import CalibrationDataError, check_language_source
+
+    config = request.config
+    languages = config.target_languages
+    if config.method != "rtn" and request.calibration_data is None:
+        unknown = [lang for lang in languages if lang not in PROMPTS]
+        if unknown:
+            raise CalibrationDataError(
+                f"--target-languages {' '.join(unknown)}: the model writes its own calibration text only in "
+                f"{', '.join(PROMPTS)}. Pass --calibration-data with text in those languages, or drop them."
+            )
+    elif config.method != "rtn":
+        check_language_source(request.calibration_data, languages, split="calib")
+    if request.eval_data is not None:
+        check_language_source(request.eval_data, languages, split="eval")
+    elif request.self_evaluate:
+        unknown = [lang for lang in languages if lang not in PROMPTS]
+        if unknown:
+            raise CalibrationDataError(f"--target-languages {' '.join(unknown)} has no built-in prompts for "
+                                       "self-written evaluation text; pass --eval-data.")
+
+
+def model_context(model_config: Any) -> int | None:
+    """The longest sequence the model's positions cover, from its config (None when it does not say)."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    for name in CONTEXT_FIELDS:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_model(request: RunRequest, model_config: Any, resolved: Any) -> None:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from neural_quantization.models.discovery import UnsupportedModelError, find_decoder_layers
+
+    config = request.config
+    context = model_context(model_config)
+    if context is not None:
+        lengths = [("--seq-len", config.seq_len)]
+        if request.eval_data is not None or request.self_evaluate:
+            lengths.append(("--eval-seq-len", request.eval_seq_len))
+        for flag, value in lengths:
+            if value > context:
+                raise ConfigError(
+                    f"{flag} {value} is longer than the model's context of {context} tokens (from its config); "
+                    f"use {flag} {min(context, 512)} (at most {context})."
+                )
+    model_type = getattr(model_config, "model_type", None)
+    if request.export_format == "gguf":
+        from neural_quantization.formats.gguf_export import ARCHITECTURES
+
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"--format gguf exports the Llama architecture ({', '.join(sorted(ARCHITECTURES))}); "
+                             f"{request.model_name} is {model_type!r}. Use --format gptq or compressed-tensors.")
+    if request.stream_weights and resolved.gguf_file:
+        raise ValueError(f"{resolved.description} is a GGUF file; --stream-weights needs a safetensors checkpoint. "
+                         "Quantize it without streaming, or convert it to safetensors first.")
+    kwargs = {"trust_remote_code": True} if request.trust_remote_code else {}
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+    except (ValueError, KeyError, TypeError) as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UnsupportedModelError(f"{request.model_name} ({model_type}) is not a causal LM transformers can "
+                                    f"build: {first}") from None
+    find_decoder_layers(model)
+    if config.kernel_backend == "marlin":
+        from neural_quantization.quantizer import check_marlin_shapes
+
+        check_marlin_shapes(model, config)
+
+
+def check_run(request: RunRequest) -> CheckedRun:
+    """Run every check (module docstring) and return what the run will use; writes nothing."""
+    from neural_quantization.formats.directories import check_output_dir
+    from neural_quantization.models.loading import load_model_config, resolve_model
+
+    if request.eval_seq_len < 2:
+        raise ConfigError(f"--eval-seq-len {request.eval_seq_len} must be at least 2 (512 is usual).")
+    _check_export_format(request)
+    check_devices(request.config.device, request.devices)
+    output_dir = check_output_dir(request.output_dir, request.overwrite)
+    work_dir, finished = _check_work_dir(request)
+    _check_data(request)
+    resolved = resolve_model(request.model_name)
+    model_config = load_model_config(resolved, trust_remote_code=request.trust_remote_code)
+    _check_model(request, model_config, resolved)
+    return CheckedRun(resolved=resolved, model_config=model_config, output_dir=output_dir, work_dir=work_dir,
+                      finished_work_dir=finished)
