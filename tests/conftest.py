@@ -60,3 +60,39 @@ def shared_data_dir() -> Path | None:
     """``../shared/data/multilingual`` next to the repository, or None where it does not exist."""
     path = (REPO_ROOT / ".." / "shared" / "data" / "multilingual").resolve()
     return path if path.is_dir() else None
+
+
+def save_tiny_llama(path: Path, **overrides) -> Path:
+    """A tiny random Llama (2 layers, hidden 64, context 256) with the word-level tokenizer, saved to
+    ``path`` like a downloaded Hugging Face model."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = make_tiny_tokenizer(add_bos=True)
+    settings = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        initializer_range=0.3,  # peaked predictions, so 2-bit rounding visibly hurts perplexity
+    )
+    settings.update(overrides)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**settings)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with a word-level tokenizer, saved like a downloaded HF model."""
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    """Calibration and evaluation text in two 'languages' (the tiny tokenizer's vocabulary)."""
+    directory = tmp_path / "texts"
+    directory.mkdir()
+    for lang, lines in {"en": TINY_CORPUS[:2], "fr": TINY_CORPUS[2:]}.items():
+        for split in ("calib", "eval"):
+            (directory / f"{lang}.{split}.txt").write_text("\n".join(lines * 20) + "\n")
+    return directory

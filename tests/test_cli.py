@@ -4,39 +4,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import TINY_CORPUS, make_tiny_tokenizer
 from neural_quantization import load_quantized
 from neural_quantization.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama with a word-level tokenizer, saved like a downloaded HF model."""
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tokenizer = make_tiny_tokenizer(add_bos=True)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=2, eos_token_id=3, pad_token_id=0,
-        initializer_range=0.3,  # peaked predictions, so 2-bit rounding visibly hurts perplexity
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def text_dir(tmp_path):
-    """Calibration and evaluation text in two 'languages' (the tiny tokenizer's vocabulary)."""
-    directory = tmp_path / "texts"
-    directory.mkdir()
-    for lang, lines in {"en": TINY_CORPUS[:2], "fr": TINY_CORPUS[2:]}.items():
-        for split in ("calib", "eval"):
-            (directory / f"{lang}.{split}.txt").write_text("\n".join(lines * 20) + "\n")
-    return directory
 
 
 def run_cli(*args):
@@ -130,6 +100,65 @@ def test_help_lists_every_option_with_defaults(capsys):
                    "--overwrite", "--eval-data", "--max-language-degradation"):
         assert option in text
     assert "(default: 128)" in text
+
+
+def _subparsers():
+    import argparse
+
+    from neural_quantization.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: sub for name, sub in action.choices.items() if name != "bench"}
+
+
+@pytest.mark.parametrize("command", ["quantize", "demo", "eval", "deploy-report"])
+def test_help_is_true_every_option_explained_with_one_default(command):
+    from neural_quantization.cli import _Formatter
+
+    sub = _subparsers()[command]
+    formatter = _Formatter(prog="neural-quantize")
+    for action in sub._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{command} {action.option_strings} has no help"
+        text = formatter._get_help_string(action) % {"default": action.default}
+        assert text.lower().count("default") <= 1, (command, action.option_strings, text)
+        if action.option_strings == ["--asym"]:
+            assert "True" not in text
+
+
+def test_flags_for_every_config_field_and_remote_code_off_by_default():
+    import dataclasses
+
+    from neural_quantization import QuantizationConfig
+    from neural_quantization.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["quantize", "--model-name", "m", "--output-dir", "o", "--block-size", "64",
+                                      "--no-true-sequential"])
+    assert args.trust_remote_code is False
+    config = config_from_args(args)
+    assert (config.block_size, config.true_sequential) == (64, False)
+    flags = {opt for a in _subparsers()["quantize"]._actions for opt in a.option_strings}
+    spelled = {"damp_percent": "--damp", "quantize_lm_head": "--quantize-lm-head", "checkpoint_dtype": "--dtype"}
+    for field in dataclasses.fields(QuantizationConfig):
+        assert spelled.get(field.name, "--" + field.name.replace("_", "-")) in flags, field.name
+
+
+def test_demo_can_turn_the_gate_back_on():
+    from neural_quantization.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).no_fail_on_gate is True
+    assert parser.parse_args(["demo", "--fail-on-gate"]).no_fail_on_gate is False
+    assert parser.parse_args(["quantize", "--model-name", "m", "--output-dir", "o"]).no_fail_on_gate is False
+
+
+def test_bits_left_out_follow_the_cascade():
+    from neural_quantization.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["quantize", "--model-name", "m", "--output-dir", "o", "--cascade-stages", "8", "2"])
+    assert config_from_args(args).bits == 2  # --bits left out: the cascade's last width
 
 
 def test_stream_weights_run_writes_a_sharded_checkpoint_and_cleans_its_work_dir(tiny_model_dir, text_dir, tmp_path):

@@ -101,11 +101,12 @@ def test_checkpoint_tensors_have_the_documented_layout(tmp_path):
     assert scales.dtype == torch.float16 and scales.shape == (3, 64)
     assert g_idx.dtype == torch.int32 and torch.equal(g_idx, torch.arange(80, dtype=torch.int32) // 32)
     assert (qzeros == 0x77777777).all()  # symmetric: zero 8 stored as 7
-    # a float32 model's unquantized tensors are stored in float16 (never float32 unless asked), and the
+    # a float32 model's unquantized tensors are stored in bfloat16 (never float32 unless asked), and the
     # returned model already holds those rounded values
-    assert embed.dtype == torch.float16 and json.loads((tmp_path / "ckpt" / "config.json").read_text())["dtype"] == "float16"
+    assert embed.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["dtype"] == "bfloat16"
     assert quantized.model.embed_tokens.weight.dtype == torch.float32
-    assert torch.equal(quantized.model.embed_tokens.weight.half(), embed)
+    assert torch.equal(quantized.model.embed_tokens.weight.bfloat16(), embed)
     assert "model.layers.0.mlp.down_proj.weight" not in names
     assert "lm_head.weight" in names  # Llama's default config does not tie it
     quant = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]

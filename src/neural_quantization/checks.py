@@ -210,11 +210,35 @@ def _check_model(request: RunRequest, model_config: Any, resolved: Any) -> None:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise UnsupportedModelError(f"{request.model_name} ({model_type}) is not a causal LM transformers can "
                                     f"build: {first}") from None
-    find_decoder_layers(model)
+    _, layers = find_decoder_layers(model)
+    _check_export_shapes(request, model, layers[0])
     if config.kernel_backend == "marlin":
         from neural_quantization.quantizer import check_marlin_shapes
 
         check_marlin_shapes(model, config)
+
+
+def _check_export_shapes(request: RunRequest, model: Any, block: Any) -> None:
+    """The layers to quantize (one decoder layer's linears; every layer has the same shapes, plus
+    ``lm_head`` if asked) against the export format's shape rules."""
+    from neural_quantization.models.discovery import find_linear_layers
+
+    if request.export_format == "gptq":
+        return
+    linears = dict(find_linear_layers(block))
+    if request.config.quantize_lm_head and model.get_output_embeddings() is not None:
+        linears["lm_head"] = model.get_output_embeddings()
+    for name, linear in linears.items():
+        if request.export_format == "compressed-tensors":
+            from neural_quantization.formats.compressed_tensors import shape_problem
+
+            problem = shape_problem(linear.in_features, request.config.group_size)
+        else:
+            from neural_quantization.formats.gguf_export import shape_problem
+
+            problem = shape_problem(linear.in_features, linear.bias is not None)
+        if problem:
+            raise ValueError(f"--format {request.export_format}: {name}: {problem}")
 
 
 def check_run(request: RunRequest) -> CheckedRun:

@@ -365,6 +365,9 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
             else:
                 print("neural-quantize: interrupted before any layer finished; nothing was written.", file=sys.stderr)
             return EXIT_INTERRUPTED
+        if finished:
+            print(f"note: {len(finished)} finished layers are kept in {work_dir}; after fixing the problem below, "
+                  f"continue with: {_resume_command(getattr(args, 'argv', []))}", file=sys.stderr)
         raise
 
 

@@ -95,10 +95,10 @@ class QuantizationConfig:
         cascade_stages: e.g. [8, 4] for the cascade mode; None for direct quantization. ``bits``
             must equal the last (narrowest) stage.
         checkpoint_dtype: the dtype of the tensors left unquantized (embeddings, norms, biases,
-            ``lm_head``) in the returned model and its checkpoint: "float16", "bfloat16" or "float32".
-            None: the model's own dtype when it is 16-bit, else float16 (bfloat16 when a value would
-            overflow float16). The returned model keeps its compute dtype but holds values rounded
-            to this dtype, so saving loses nothing more.
+            ``lm_head``) in the returned model and its checkpoint, and the one loaders run it in:
+            "float16", "bfloat16" or "float32". None: the model's own dtype when it is 16-bit, else
+            bfloat16 (never float32 unless asked). The returned model keeps its compute dtype but
+            holds values rounded to this dtype, so saving loses nothing more.
         cascade_mode: "sequential" (quantize to each width in turn, each stage starting from the
             previous stage's model and recalibrating through it) or "nested" (exactly two stages
             [wide, narrow]: one checkpoint stored at the wide width whose codes' high

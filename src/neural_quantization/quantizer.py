@@ -110,35 +110,37 @@ def resolve_devices(device: torch.device, devices: list[str] | None) -> list[tor
     return [device]
 
 
-def settle_checkpoint_dtype(model: nn.Module, requested: str | None) -> tuple[torch.dtype, str | None]:
+def settle_checkpoint_dtype(model: nn.Module, requested: str | None) -> torch.dtype:
     """Choose the dtype of the unquantized float tensors (``QuantizationConfig.checkpoint_dtype``),
     round them to it in place (their storage keeps the compute dtype) and record it as
-    ``model.config.dtype``, which the checkpoint stores them in. Returns ``(dtype, note or None)``.
+    ``model.config.dtype``, which the checkpoint stores them in and loaders run the model in.
 
-    Layers of a streamed run are on ``meta`` here; the checkpoint casts them when it writes their shards.
+    Default: the model's own 16-bit dtype, else bfloat16 (a GGUF or float32 source records none).
+    Not float16: models trained in bfloat16 can overflow it at run time (Gemma-3-270M's logits are
+    NaN in float16 and finite in bfloat16, measured). Layers of a streamed run are on ``meta`` here;
+    the checkpoint casts them when it writes their shards.
     """
+    from neural_quantization.config import ConfigError
+
     gptq_scales = {f"{name}.scales" for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     floats = [t for name, t in model.state_dict(keep_vars=True).items()
               if t.is_floating_point() and not t.is_meta and name not in gptq_scales]
     current = floats[0].dtype if floats else torch.float32
-    note = None
-    if not floats:
-        dtype = current
-    elif requested is not None:
+    if requested is not None:
         dtype = getattr(torch, requested)
-    elif current in (torch.float16, torch.bfloat16):
+    elif current in (torch.float16, torch.bfloat16) or not floats:
         dtype = current
     else:
-        dtype = torch.float16
-        if any(float(t.detach().abs().max()) > FP16_MAX for t in floats if t.numel()):
-            dtype = torch.bfloat16
-            note = "unquantized tensors hold values beyond float16's range; the checkpoint stores them as bfloat16"
+        dtype = torch.bfloat16
+    if dtype == torch.float16 and any(float(t.detach().abs().max()) > FP16_MAX for t in floats if t.numel()):
+        raise ConfigError("the model's unquantized tensors hold values beyond float16's range (65504); store them "
+                          "as bfloat16 (--dtype bfloat16) or float32.")
     with torch.no_grad():
         for t in floats:
             if t.dtype != dtype and dtype.itemsize < t.dtype.itemsize:
                 t.data.copy_(t.data.to(dtype))
     model.config.dtype = dtype
-    return dtype, note
+    return dtype
 
 
 def measure_sizes(model: nn.Module, reference_fp16_bytes: int) -> dict[str, Any]:
@@ -263,8 +265,7 @@ class Quantizer:
 
         every_layer = [r for stage in stages for r in stage.layers] or layer_reports
         warnings = sorted({r.note for r in every_layer if r.note})
-        _, dtype_note = settle_checkpoint_dtype(model, config.checkpoint_dtype)
-        warnings += [dtype_note] if dtype_note else []
+        settle_checkpoint_dtype(model, config.checkpoint_dtype)
         model.config.quantization_config = gptq_quantization_config(
             config,
             base_model=model_name,

@@ -94,6 +94,14 @@ def check_export_config(config: QuantizationConfig) -> None:
         )
 
 
+def shape_problem(in_features: int, group_size: int) -> str | None:
+    """Why a layer with ``in_features`` inputs cannot be written in groups of ``group_size`` (or None)."""
+    if group_size != -1 and in_features % group_size:
+        return (f"group_size={group_size} does not divide in_features={in_features}; compressed-tensors and "
+                "vLLM need whole groups. Choose a group size that divides every layer's input size (e.g. 32 or 64).")
+    return None
+
+
 def _is_trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
     k = g_idx.numel()
     size = k if group_size == -1 else group_size
@@ -110,11 +118,9 @@ def layer_tensors(layer: QuantLinear, sym: bool) -> dict[str, torch.Tensor]:
             "this layer's groups are reordered (act-order g_idx), which compressed-tensors >= 0.20 cannot store; "
             "quantize with --static-groups or without --desc-act."
         )
-    if qw.group_size != -1 and layer.in_features % qw.group_size:
-        raise ExportError(
-            f"group_size={qw.group_size} does not divide in_features={layer.in_features}; compressed-tensors and "
-            "vLLM need whole groups. Choose a group size that divides every layer's input size (e.g. 32 or 64)."
-        )
+    problem = shape_problem(layer.in_features, qw.group_size)
+    if problem:
+        raise ExportError(problem)
     mid = 1 << (qw.bits - 1)
     if sym and not bool((qw.zeros == mid).all()):
         raise ExportError("a symmetric export needs every zero point at 2**(bits-1); this layer's grid is asymmetric.")

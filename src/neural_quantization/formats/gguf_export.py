@@ -148,6 +148,15 @@ def permute_rope_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     return rows.reshape(n_head, 2, n // n_head // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
+def shape_problem(in_features: int, has_bias: bool) -> str | None:
+    """Why a linear layer cannot become GGUF Q4_0/Q8_0 blocks (or None)."""
+    if in_features % BLOCK:
+        return f"in_features={in_features} is not a multiple of {BLOCK}; GGUF blocks need it. Use --format gptq."
+    if has_bias:
+        return "layers with a bias are not supported by the Llama GGUF export; use --format gptq."
+    return None
+
+
 def layer_blocks(layer: QuantLinear, gguf_type: str, permute_heads: int | None = None) -> tuple[np.ndarray, int]:
     """The GGUF bytes (N, K/32 · block bytes) of one quantized layer and its number of clamped codes."""
     qw = layer.quantized_weight()
@@ -155,15 +164,14 @@ def layer_blocks(layer: QuantLinear, gguf_type: str, permute_heads: int | None =
     if qw.bits != expected_bits or qw.group_size != BLOCK:
         raise GGUFExportError(f"{gguf_type} needs {expected_bits}-bit groups of {BLOCK}; the layer has "
                               f"{qw.bits} bits, group_size {qw.group_size}.")
-    if layer.in_features % BLOCK:
-        raise GGUFExportError(f"in_features={layer.in_features} is not a multiple of {BLOCK}; GGUF blocks need it.")
+    problem = shape_problem(layer.in_features, layer.bias is not None)
+    if problem:
+        raise GGUFExportError(problem)
     if not torch.equal(qw.g_idx.cpu().long(), torch.arange(layer.in_features) // BLOCK):
         raise GGUFExportError("the layer's groups are reordered (act-order g_idx); GGUF blocks must be contiguous.")
     mid = 1 << (qw.bits - 1)
     if not bool((qw.zeros == mid).all()):
         raise GGUFExportError(f"{gguf_type} is symmetric; the layer has zero points other than {mid}.")
-    if layer.bias is not None:
-        raise GGUFExportError("layers with a bias are not supported by the Llama GGUF export.")
     codes, scales = qw.codes, qw.scales.T  # (N, K), (N, G)
     if permute_heads:
         codes, scales = permute_rope_rows(codes, permute_heads), permute_rope_rows(scales, permute_heads)
