@@ -237,7 +237,21 @@ def speed(ours: dict[str, Any], llmc: dict[str, Any], one_gpu: dict[str, Any], t
     return "\n".join(lines)
 
 
-RENDERERS = {"quality": quality, "calibration": calibration, "kernels": kernels, "kernel_shapes": kernel_shapes,
+def checkpoint_size(document: dict[str, Any]) -> str:
+    """benchmarks/checkpoint_size.py: saved checkpoint against the deploy-report estimate from its config."""
+    mib = 2**20
+    lines = [_env(document), "",
+             "| model | grid | unquantized tensors | checkpoint | estimate from config | checkpoint / estimate | "
+             "whole model vs fp16 | linears vs fp16 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in document["rows"]:
+        lines.append(f"| {r['model']} | {r['grid']} | {r['unquantized_dtype']} | {r['checkpoint_bytes'] / mib:.1f} MiB "
+                     f"| {r['estimated_bytes'] / mib:.1f} MiB | {r['checkpoint_over_estimate']:.3f}× | "
+                     f"{r['model_compression_ratio']:.2f}× | {r['linear_compression_ratio']:.2f}× |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"checkpoint_size": checkpoint_size, "quality": quality, "calibration": calibration, "kernels": kernels, "kernel_shapes": kernel_shapes,
              "kernels_tinygemm": kernels_tinygemm, "e2e": e2e, "speed": speed}
 
 

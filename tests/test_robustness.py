@@ -409,3 +409,33 @@ def test_random_option_combinations_never_end_in_a_traceback(tiny_model_dir, tex
         assert not out.exists() and not Path(f"{out}.work").exists(), argv
     else:
         assert (out / "config.json").is_file()
+
+
+def test_the_installed_command_refuses_bad_input_in_one_line(tmp_path):
+    """The real entry point in a fresh process: exit 2, one line on stderr, no traceback."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "neural_quantization.cli", "--model-name", "no-such-model",
+                             "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("neural-quantize: error: Cannot find model"), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_hub_fails_after_one_attempt(monkeypatch):
+    """Outside offline mode a hub id gets one metadata request; without network it fails with the fix
+    (instead of transformers' minute of retries ending in an OSError traceback)."""
+    import huggingface_hub.constants as constants
+
+    from neural_quantization.models.loading import ModelNotFoundError, check_hub_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ModelNotFoundError, match="Cannot reach the Hugging Face hub"):
+        check_hub_model("someorg/somemodel")

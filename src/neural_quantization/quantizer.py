@@ -224,6 +224,9 @@ class Quantizer:
 
             raise ConfigError("cascade runs cannot use a work directory or streamed weights yet; drop --cascade "
                               "or run without --work-dir/--stream-weights.")
+        from neural_quantization.checks import check_devices
+
+        check_devices(config.device, devices)  # a missing GPU fails here, not inside the pipeline
         if resume and work_dir is None:
             raise ValueError("resume=True needs the work_dir of the interrupted run (--work-dir DIR).")
         from neural_quantization.models.loading import LoadedModel, load_model
