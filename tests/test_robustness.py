@@ -171,7 +171,7 @@ QUANTIZE_CASES = [
     ("device-index-missing" if NO_GPU else "device-cuda-without-gpu", None,
      lambda c: quantize(c, "--device", "cuda:63" if NO_GPU else "cuda"), "cuda"),
     ("devices-missing", None, lambda c: quantize(c, "--devices", "cuda:63"), "cuda:63"),
-    ("devices-twice", None, lambda c: quantize(c, "--devices", "cpu", "cpu"), "twice"),
+    ("devices-invalid", None, lambda c: quantize(c, "--devices", "cpu", "cuda:x"), "--devices 'cuda:x' is not"),
     ("gguf-group-size", None, lambda c: quantize(c, "--format", "gguf", "--group-size", "64"), "--group-size 32"),
     ("gguf-asym", None, lambda c: quantize(c, "--format", "gguf", "--group-size", "32", "--asym"), "--sym"),
     ("gguf-architecture", None,

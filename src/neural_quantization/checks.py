@@ -72,8 +72,6 @@ class CheckedRun:
 def check_devices(device: str, devices: list[str] | None = None) -> None:
     """Raise ``ValueError`` with the fix when ``device`` or any of ``devices`` does not exist here."""
     names = ([] if device == "auto" else [device]) + list(devices or [])
-    if devices and len(set(devices)) != len(devices):
-        raise ValueError(f"--devices {' '.join(devices)} names a device twice; name each device once.")
     for name in names:
         flag = "--devices" if devices and name in devices else "--device"
         try:
