@@ -61,12 +61,19 @@ from torch import nn
 from neural_quantization import __version__
 from neural_quantization.config import QuantizationConfig
 from neural_quantization.formats.directories import check_output_dir, staged_directory
-from neural_quantization.formats.integrity import DTYPE_BYTES, CheckpointError, CheckpointInventory, inspect_checkpoint
+from neural_quantization.formats.integrity import (
+    DTYPE_BYTES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    CheckpointInventory,
+    inspect_checkpoint,
+)
 from neural_quantization.models.discovery import find_decoder_layers
-from neural_quantization.models.layer_storage import INDEX_FILE, CheckpointWeights, WorkDir
+from neural_quantization.models.layer_storage import CheckpointWeights, WorkDir
 from neural_quantization.nn.qlinear import QuantLinear, swap_in_quant_linears
 
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = SINGLE_FILE
 
 
 def gptq_quantization_config(

@@ -38,8 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+from neural_quantization.formats.integrity import INDEX_FILE, SINGLE_FILE
+
 FINISHED_FILE = "finished.json"
 
 
