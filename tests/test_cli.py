@@ -214,3 +214,13 @@ def test_decode_profile_categories():
     assert kernel_category("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16") == "attention"
     assert kernel_category("triton_poi_fused__unsafe_view_mul_silu_8") == "fused elementwise (torch.compile)"
     assert kernel_category("void at::native::vectorized_elementwise_kernel<8>") == "other (eager ops, copies)"
+
+
+def test_demo_runs_end_to_end_on_self_written_text(tiny_model_dir, tmp_path, capsys):
+    """The demo's own path: the model writes its calibration and held-out evaluation text; exit 0."""
+    out = tmp_path / "demo"
+    code = run_cli("demo", "--model-name", tiny_model_dir, "--output-dir", out, "--target-languages", "en",
+                   "--num-samples", "2", "--seq-len", "16", "--eval-seq-len", "16", "--quiet")
+    assert code == 0
+    assert load_quantized(out).config.quantization_config["neural_quantization"]["calibration"]["self_generated"]
+    assert "Quality per language" in capsys.readouterr().out
