@@ -16,6 +16,7 @@ setting            ours                                   llm-compressor 0.14
 rtn                ``method="rtn"``                       ``QuantizationModifier`` (round to nearest)
 gptq               ``QuantizationConfig()`` defaults      ``GPTQModifier`` defaults (actorder static)
 gptq-noact         ``desc_act=False``                     ``actorder=None``
+                   (``static_groups=False``)
 gptq-static        ``desc_act=True, static_groups=True``  ``actorder="static"``
 gptq-static-asym   the same, ``sym=False``                the same, ``symmetric=False``
 =================  =====================================  ============================================
@@ -63,7 +64,7 @@ def our_config(setting: str, bits: int, group_size: int, num_samples: int, seq_l
     return {
         "rtn": QuantizationConfig(method="rtn", **base),
         "gptq": QuantizationConfig(**base),
-        "gptq-noact": QuantizationConfig(desc_act=False, **base),
+        "gptq-noact": QuantizationConfig(desc_act=False, static_groups=False, **base),
         "gptq-static": QuantizationConfig(desc_act=True, static_groups=True, **base),
         "gptq-static-asym": QuantizationConfig(desc_act=True, static_groups=True, sym=False, **base),
     }[setting]

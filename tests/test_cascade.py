@@ -121,7 +121,7 @@ def _problem(seed=0, n=48, k=96):
 @pytest.mark.parametrize("kw", [dict(group_size=32), dict(group_size=-1, desc_act=True), dict(group_size=32, sym=False)])
 def test_nested_codes_nest_and_read_exactly(kw):
     weight, hessian = _problem()
-    cfg = QuantizationConfig(bits=4, **kw)
+    cfg = QuantizationConfig(bits=4, **{"desc_act": False, "static_groups": False, **kw})  # the nested solver's grids
     narrow, wide = nested_gptq_quantize(weight, hessian, cfg, wide=8, narrow=4)
     # The narrow read of the wide tensors is the narrow solve, bit for bit.
     view = narrow_view(wide, 4)

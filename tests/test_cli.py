@@ -34,7 +34,7 @@ def test_bare_form_quantizes_saves_and_reports(tiny_model_dir, text_dir, tmp_pat
 
 
 def test_failed_gate_exits_3_unless_disabled(tiny_model_dir, text_dir, tmp_path):
-    common = ["--model-name", tiny_model_dir, "--bits", "2", "--group-size", "32", "--calibration-data", text_dir,
+    common = ["--model-name", tiny_model_dir, "--bits", "2", "--group-size", "32", "--method", "rtn", "--calibration-data", text_dir,
               "--target-languages", "en", "fr", "--num-samples", "4", "--seq-len", "32", "--eval-data", text_dir,
               "--eval-seq-len", "32", "--quiet", "--max-language-degradation", "0"]
     assert run_cli(*common, "--output-dir", tmp_path / "a") == 3

@@ -107,7 +107,7 @@ def test_deploy_report_cli_writes_json_and_fails_cleanly(tmp_path, capsys):
     [
         (["--format", "gguf"], "group-size 32"),
         (["--format", "gguf", "--group-size", "32", "--bits", "3"], "Q4_0"),
-        (["--format", "gguf", "--group-size", "32", "--desc-act"], "static-groups"),
+        (["--format", "gguf", "--group-size", "32", "--desc-act", "--no-static-groups"], "static-groups"),
         (["--format", "compressed-tensors", "--bits", "2"], "4 or 8 bits"),
     ],
 )

@@ -52,7 +52,7 @@ def test_per_channel_8bit_error_is_tiny():
 
 def test_codes_scales_and_groups_are_consistent():
     weight, hessian, _ = correlated_problem(n_in=150)
-    config = QuantizationConfig(bits=4, group_size=64, desc_act=True, sym=False)
+    config = QuantizationConfig(bits=4, group_size=64, desc_act=True, static_groups=False, sym=False)
     q = gptq_quantize(weight, hessian, config)
     assert q.scales.shape == (3, weight.shape[0])  # ceil(150 / 64): the last group is shorter
     assert q.codes.min() >= 0 and q.codes.max() <= 15
@@ -116,6 +116,23 @@ def test_mse_clip_never_worse_than_minmax_on_rounding_error():
     assert (e1 <= e0 + 1e-6).all() and e1.sum() < e0.sum()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_grid_puts_the_largest_weight_exactly_on_its_end_code(bits):
+    """The largest-magnitude weight of each group is reconstructed to fp16 precision (not shortened by
+    half a step on a rounding tie), on the end code of its sign; the zero is 2**(bits-1)."""
+    w = torch.randn(64, 64) ** 3
+    scale, zero = grid.minmax_params(w, bits, sym=True)
+    assert (zero == 2 ** (bits - 1)).all()
+    codes = grid.quantize(w, scale, zero, bits)
+    rows = torch.arange(64)
+    extreme = w.abs().argmax(dim=1)
+    value = w[rows, extreme]
+    end = torch.where(value < 0, 0 if bits < 8 else 1, 2**bits - 1)  # 8 bits: codes 1..255 (Q8_0's ±127)
+    assert torch.equal(codes[rows, extreme], end.to(torch.int32))
+    error = (grid.fake_quantize(w, scale, zero, bits)[rows, extreme] - value).abs()
+    assert (error <= 2**-10 * value.abs()).all()
+
+
 def test_asymmetric_grid_keeps_zero_at_least_one():
     w = torch.rand(4, 16) + 0.1  # all positive: min/max would give zero = 0
     scale, zero = grid.minmax_params(w, 4, sym=False)
@@ -127,7 +144,7 @@ def test_asymmetric_grid_keeps_zero_at_least_one():
 @pytest.mark.parametrize(
     "kwargs",
     [dict(bits=5), dict(group_size=0), dict(group_size=-2), dict(method="awq"), dict(damp_percent=0),
-     dict(static_groups=True, group_size=-1), dict(num_samples=0), dict(target_languages=[]),
+     dict(num_samples=0), dict(target_languages=[]),
      dict(cascade_stages=[4, 8]), dict(kernel_backend="cuda")],
 )
 def test_invalid_configs_fail_with_a_fix(kwargs):

@@ -111,7 +111,9 @@ def test_checkpoint_tensors_have_the_documented_layout(tmp_path):
     assert "lm_head.weight" in names  # Llama's default config does not tie it
     quant = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
     assert quant["quant_method"] == "gptq" and quant["checkpoint_format"] == "gptq"
+    # act-order with static groups (the default) keeps g_idx trivial: loaders see an ordinary checkpoint
     assert (quant["bits"], quant["group_size"], quant["desc_act"], quant["sym"]) == (4, 32, False, True)
+    assert quant["neural_quantization"]["config"]["desc_act"] and quant["static_groups"]
     assert quant["neural_quantization"]["config"]["group_size"] == 32
 
 

@@ -151,8 +151,6 @@ QUANTIZE_CASES = [
     ("eval-seq-len-1", None, lambda c: quantize(c, "--eval-data", c.texts, "--eval-seq-len", "1"), "at least 2"),
     ("calibration-batch-0", None, lambda c: quantize(c, "--calibration-batch-size", "0"), "calibration_batch_size"),
     ("block-size-0", None, lambda c: quantize(c, "--block-size", "0"), "block_size"),
-    ("static-groups-per-channel", None, lambda c: quantize(c, "--static-groups", "--group-size", "-1"),
-     "static_groups"),
     ("language-without-text", None, lambda c: quantize(c, "--target-languages", "en", "xx"), "xx"),
     ("language-without-prompts", None, lambda c: quantize(c, "--target-languages", "xx", data=False),
      "--target-languages xx"),

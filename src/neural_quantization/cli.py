@@ -54,8 +54,11 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
     sym.add_argument("--sym", dest="sym", action="store_true", default=defaults.sym,
                      help="symmetric grid, zero point fixed at 2^(bits-1) (the default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
-    g.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
-    g.add_argument("--static-groups", action="store_true", help="with --desc-act, fix group grids before the solve")
+    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=defaults.desc_act,
+                   help="act-order: quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --desc-act, fix group grids before the solve, so g_idx stays trivial and every kernel "
+                        "runs the checkpoint at full speed (default: on, except for --cascade-mode nested)")
     g.add_argument("--damp", type=float, default=defaults.damp_percent, help="Hessian damping, fraction of its mean diagonal")
     g.add_argument("--block-size", type=int, default=defaults.block_size, help="columns per lazy-update block of GPTQ")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=defaults.true_sequential,

@@ -106,7 +106,10 @@ def gptq_quantization_config(
         "checkpoint_format": "gptq",
         "bits": stored_bits,
         "group_size": config.group_size,
-        "desc_act": config.desc_act,
+        # Loaders read desc_act as "g_idx may reorder the groups" and pick slower kernels for it; with
+        # static groups g_idx is k // group_size, so the checkpoint is an ordinary one (our record keeps
+        # the run's desc_act).
+        "desc_act": config.desc_act and not config.static_groups,
         "sym": sym,
         "static_groups": config.static_groups,
         "true_sequential": config.true_sequential,

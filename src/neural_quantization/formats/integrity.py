@@ -179,6 +179,8 @@ def _check_fields(path: Path, quant: dict[str, Any]) -> None:
     if not isinstance(run, dict):
         return  # another producer's checkpoint: nothing duplicated to compare
     expected = {key: run.get(key) for key in ("bits", "group_size", "sym", "desc_act", "static_groups")}
+    if run.get("desc_act") and run.get("static_groups"):
+        expected["desc_act"] = False  # static groups keep g_idx trivial: stored as an ordinary checkpoint
     if run.get("cascade_mode") == "nested" and run.get("cascade_stages"):
         expected["bits"], expected["sym"] = run["cascade_stages"][0], False  # stored at the wide width
     for key, value in expected.items():
