@@ -251,7 +251,32 @@ def checkpoint_size(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"checkpoint_size": checkpoint_size, "quality": quality, "calibration": calibration, "kernels": kernels, "kernel_shapes": kernel_shapes,
+def quality_peers(document: dict[str, Any]) -> str:
+    """benchmarks/quality_peers.py: ours and llm-compressor on identical calibration ids, two evaluation sets."""
+    p = document["protocol"]
+    sets = list(document["runs"][0]["evaluation"])
+    v = document.get("versions", {})
+    head = (f"`{document['model']}`, W{p['bits']} group {p['group_size']}; calibration {p['calibration']['num_samples']} "
+            f"× {p['calibration']['seq_len']} tokens from `*.calib.txt` over {', '.join(p['languages'])} (the same ids "
+            f"for both tools); evaluation: up to {p['evaluation']['max_windows_per_language']} windows × "
+            f"{p['evaluation']['seq_len']} tokens per language on {' and '.join(sets)}. llm-compressor "
+            f"{v.get('llmcompressor')}, compressed-tensors {v.get('compressed-tensors')}, transformers "
+            f"{v.get('transformers')}. {_env(document)}.")
+    lines = [head, "", "| tool | setting | " + " | ".join(f"{name} avg Δppl | worst | KL" for name in sets)
+             + " | quantization time |", "|---|---|" + "---|---|---|" * len(sets) + "---|"]
+    for run in document["runs"]:
+        cells = []
+        for name in sets:
+            e = run["evaluation"][name]
+            worst = max(e["languages"].items(), key=lambda kv: kv[1]["degradation_pct"])
+            cells += [f"{e['avg_degradation_pct']:+.2f} %", f"{worst[0]} {worst[1]['degradation_pct']:+.1f} %",
+                      f"{e['mean_kl_divergence']:.4f}"]
+        lines.append(f"| {run['tool']} | {run['setting']} | " + " | ".join(cells)
+                     + f" | {run['quantization_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"quality_peers": quality_peers, "checkpoint_size": checkpoint_size, "quality": quality, "calibration": calibration, "kernels": kernels, "kernel_shapes": kernel_shapes,
              "kernels_tinygemm": kernels_tinygemm, "e2e": e2e, "speed": speed}
 
 
