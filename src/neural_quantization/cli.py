@@ -91,7 +91,7 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
     r.add_argument("--dtype", default=None, choices=CHECKPOINT_DTYPES,
                    help="the model's float dtype: for loading and for the checkpoint's unquantized tensors "
                         "(embeddings, norms). Default: load as the source is stored (GGUF: float32 on CPU, bfloat16 "
-                        "on GPU) and store 16-bit (the source's 16-bit dtype, else float16)")
+                        "on GPU) and store 16-bit (the source's 16-bit dtype, else bfloat16)")
     r.add_argument("--trust-remote-code", action="store_true",
                    help="run the model's own Python code from its directory or hub repository (off: never run "
                         "code you have not read)")
@@ -271,16 +271,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             UnsupportedModelError, ValueError, FileNotFoundError)
 
 
-def _dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    if not hasattr(torch, name) or not isinstance(getattr(torch, name), torch.dtype):
-        raise ValueError(f"--dtype {name!r} is not a torch dtype; use float32, float16 or bfloat16.")
-    return getattr(torch, name)
-
-
 def _evaluation_texts(source: str, languages: list[str]) -> dict[str, list[str]]:
     from neural_quantization.calibration.sources import load_language_texts
 
@@ -339,6 +329,7 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
     from neural_quantization.checks import check_run
     from neural_quantization.evaluation import QualityGates
     from neural_quantization.formats.directories import directory_bytes, remove_stale_staging
+    from neural_quantization.models.layer_storage import WorkDir
 
     console = Console(stderr=False)
     config = config_from_args(args)
@@ -358,7 +349,7 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
     try:
         return _quantize_checked(args, config, gates, checked, console, demo)
     except BaseException as err:
-        finished = sorted(work_dir.glob("layers/layer-*.safetensors")) if work_dir is not None else []
+        finished = WorkDir.finished_in(work_dir) if work_dir is not None else []
         if work_dir is not None and fresh_work_dir and not finished:
             shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume: leave no trace
         if isinstance(err, KeyboardInterrupt):
@@ -388,7 +379,7 @@ def _quantize_checked(args: argparse.Namespace, config: QuantizationConfig, gate
 
     work_dir = str(checked.work_dir) if checked.work_dir is not None else None
     console.print(f"Loading {args.model_name}{' (decoder layers stream from disk)' if args.stream_weights else ''} ...")
-    loaded = load_model(args.model_name, dtype=_dtype(args.dtype), stream_weights=args.stream_weights,
+    loaded = load_model(args.model_name, dtype=args.dtype, stream_weights=args.stream_weights,
                         trust_remote_code=args.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     _print_preflight(model, config, args, console)
@@ -490,7 +481,6 @@ def run_eval(args: argparse.Namespace) -> int:
     language (the quantized model runs in the reference's dtype, so only quantization differs)."""
     from rich.console import Console
 
-    from neural_quantization.calibration.sources import check_language_source
     from neural_quantization.checks import check_devices
     from neural_quantization.evaluation import QualityGates, all_passed, evaluate_gates, evaluate_languages
     from neural_quantization.formats.checkpoint import load_quantized, validate_checkpoint
@@ -512,8 +502,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if not baseline:
         raise ValueError(f"{args.model} records no base model; pass --baseline MODEL.")
     resolve_model(baseline)
-    check_language_source(args.eval_data, args.target_languages, split="eval")
-    texts = _evaluation_texts(args.eval_data, args.target_languages)
+    texts = _evaluation_texts(args.eval_data, args.target_languages)  # read (and checked) before the model loads
     reference = load_model(baseline, trust_remote_code=args.trust_remote_code)
     reference_dtype = next(reference.model.parameters()).dtype
     device = None if args.device == "auto" else args.device

@@ -21,6 +21,7 @@ from neural_quantization.config import QuantizationConfig
 from neural_quantization.formats.checkpoint import (
     attach_save_pretrained,
     gptq_quantization_config,
+    gptq_scale_names,
     stored_bytes,
     unique_state_items,
 )
@@ -122,7 +123,7 @@ def settle_checkpoint_dtype(model: nn.Module, requested: str | None) -> torch.dt
     """
     from neural_quantization.config import ConfigError
 
-    gptq_scales = {f"{name}.scales" for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    gptq_scales = gptq_scale_names(model)
     floats = [t for name, t in model.state_dict(keep_vars=True).items()
               if t.is_floating_point() and not t.is_meta and name not in gptq_scales]
     current = floats[0].dtype if floats else torch.float32

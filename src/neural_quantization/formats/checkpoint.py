@@ -61,8 +61,10 @@ from torch import nn
 from neural_quantization import __version__
 from neural_quantization.config import QuantizationConfig
 from neural_quantization.formats.directories import check_output_dir, staged_directory
+from neural_quantization.formats.gptq import TENSOR_NAMES
 from neural_quantization.formats.integrity import (
     DTYPE_BYTES,
+    FLOAT_DTYPES,
     INDEX_FILE,
     SINGLE_FILE,
     CheckpointError,
@@ -144,11 +146,16 @@ def checkpoint_dtype(model: nn.Module) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
+def gptq_scale_names(model: nn.Module) -> set[str]:
+    """State-dict names of the QuantLinear ``scales``: float tensors that stay float16 in every checkpoint."""
+    return {f"{name}.scales" for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+
+
 def _stored_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
     """``(name, tensor, dtype it is stored in)``: unquantized float tensors (embeddings, norms, biases,
     ``lm_head``) in :func:`checkpoint_dtype`; the GPTQ tensors (fp16 ``scales`` included) as they are."""
     dtype = checkpoint_dtype(model)
-    gptq = {f"{name}.scales" for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    gptq = gptq_scale_names(model)
     for name, tensor in unique_state_items(model):
         cast = dtype is not None and tensor.is_floating_point() and name not in gptq
         yield name, tensor, dtype if cast else tensor.dtype
@@ -250,10 +257,9 @@ def save_streamed(
 def _store_layer_file(source: Path, shard: Path, dtype: torch.dtype | None) -> None:
     """A work directory's layer file as a checkpoint shard: hard-linked (or copied) when its float
     tensors are already in the checkpoint dtype, else rewritten with them cast (one layer in memory)."""
-    gptq = ("qweight", "qzeros", "scales", "g_idx")
     with safe_open(str(source), framework="pt") as f:
-        recast = {name for name in f.keys() if dtype is not None and name.rsplit(".", 1)[-1] not in gptq
-                  and f.get_slice(name).get_dtype() in ("F32", "F16", "BF16")
+        recast = {name for name in f.keys() if dtype is not None and name.rsplit(".", 1)[-1] not in TENSOR_NAMES
+                  and f.get_slice(name).get_dtype() in FLOAT_DTYPES
                   and f.get_slice(name).get_dtype() != _SAFETENSORS_DTYPE[dtype]}
         if recast:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
@@ -315,8 +321,9 @@ def validate_checkpoint(checkpoint_dir: str | os.PathLike, check_values: bool = 
             from None
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     quantized = sorted(name[: -len(".qweight")] for name in inventory.tensors if name.endswith(".qweight"))
+    modules = dict(model.named_modules())
     for name in quantized:
-        module = dict(model.named_modules()).get(name)
+        module = modules.get(name)
         entry = inventory.tensors[f"{name}.qweight"]
         g_idx = inventory.tensors.get(f"{name}.g_idx")
         if not isinstance(module, nn.Linear):
@@ -331,7 +338,7 @@ def validate_checkpoint(checkpoint_dir: str | os.PathLike, check_values: bool = 
     covered = {f"{name}.weight" for name in quantized}
     for name, entry in inventory.tensors.items():
         layer = name.rsplit(".", 1)[0]
-        if layer in quantized and name.rsplit(".", 1)[1] in ("qweight", "qzeros", "scales", "g_idx"):
+        if layer in quantized and name.rsplit(".", 1)[1] in TENSOR_NAMES:
             continue
         if name not in expected:
             raise CheckpointError(f"{entry.file}: tensor {name} is not part of the {type(model).__name__} that "

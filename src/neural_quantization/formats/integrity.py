@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from neural_quantization.config import SUPPORTED_BITS
+from neural_quantization.formats.gptq import TENSOR_NAMES
 from neural_quantization.formats.packing import packed_length
 
 __all__ = ["CheckpointError", "CheckpointInventory", "TensorEntry", "inspect_checkpoint", "read_safetensors_header"]
@@ -196,7 +197,7 @@ def _check_quantized_layers(quant: dict[str, Any], tensors: dict[str, TensorEntr
     bits, group_size = quant["bits"], quant.get("group_size", -1)
     scales = []
     for name in sorted(n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")):
-        parts = {key: tensors.get(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx")}
+        parts = {key: tensors.get(f"{name}.{key}") for key in TENSOR_NAMES}
         missing = [key for key in ("qzeros", "scales") if parts[key] is None]
         if missing:
             raise CheckpointError(f"{parts['qweight'].file}: layer {name} has a qweight but no {', '.join(missing)}.")

@@ -135,7 +135,12 @@ class WorkDir:
         return self.layers / f"layer-{index:05d}.safetensors"
 
     def finished(self) -> list[int]:
-        return sorted(int(p.stem.split("-")[1]) for p in self.layers.glob("layer-*.safetensors"))
+        return WorkDir.finished_in(self.path)
+
+    @staticmethod
+    def finished_in(path: str | os.PathLike) -> list[int]:
+        """Indices of the finished layers in the work directory at ``path`` (none if it does not exist)."""
+        return sorted(int(p.stem.split("-")[1]) for p in (Path(path) / "layers").glob("layer-*.safetensors"))
 
     def has_layer(self, index: int) -> bool:
         return self.layer_file(index).is_file()
