@@ -122,7 +122,7 @@ def _check_work_dir(request: RunRequest) -> tuple[Path | None, bool]:
     work_dir = Path(request.work_dir or f"{str(request.output_dir).rstrip('/')}.work").expanduser()
     if work_dir.resolve() == Path(request.output_dir).expanduser().resolve():
         raise ValueError("--work-dir must differ from --output-dir (the checkpoint replaces its directory).")
-    started, finished = (work_dir / "run.json").is_file(), WorkDir.is_finished(work_dir)
+    started, finished = WorkDir.is_started(work_dir), WorkDir.is_finished(work_dir)
     if request.resume and not started:
         raise ValueError(f"--resume: {work_dir} holds no interrupted run; pass the --work-dir of that run "
                          "(default: OUTPUT_DIR.work), or drop --resume.")
@@ -139,27 +139,20 @@ def _check_work_dir(request: RunRequest) -> tuple[Path | None, bool]:
 
 
 def _check_data(request: RunRequest) -> None:
-    from neural_quantization.calibration.self_generated import PROMPTS
-    from neural_quantization.calibration.sources import CalibrationDataError, check_language_source
+    from neural_quantization.calibration.self_generated import check_prompts
+    from neural_quantization.calibration.sources import check_language_source
 
     config = request.config
     languages = config.target_languages
-    if config.method != "rtn" and request.calibration_data is None:
-        unknown = [lang for lang in languages if lang not in PROMPTS]
-        if unknown:
-            raise CalibrationDataError(
-                f"--target-languages {' '.join(unknown)}: the model writes its own calibration text only in "
-                f"{', '.join(PROMPTS)}. Pass --calibration-data with text in those languages, or drop them."
-            )
-    elif config.method != "rtn":
-        check_language_source(request.calibration_data, languages, split="calib")
+    if config.method != "rtn":
+        if request.calibration_data is None:
+            check_prompts(languages)  # the model writes its own calibration text
+        else:
+            check_language_source(request.calibration_data, languages, split="calib")
     if request.eval_data is not None:
         check_language_source(request.eval_data, languages, split="eval")
     elif request.self_evaluate:
-        unknown = [lang for lang in languages if lang not in PROMPTS]
-        if unknown:
-            raise CalibrationDataError(f"--target-languages {' '.join(unknown)} has no built-in prompts for "
-                                       "self-written evaluation text; pass --eval-data.")
+        check_prompts(languages)
 
 
 def model_context(model_config: Any) -> int | None:

@@ -27,7 +27,7 @@ from neural_quantization.calibration.sampling import CalibrationSet, sample_cali
 from neural_quantization.calibration.sources import CalibrationDataError
 from neural_quantization.config import DEFAULT_LANGUAGES
 
-__all__ = ["PROMPTS", "NucleusSampler", "generate_calibration_texts", "self_generated_calibration"]
+__all__ = ["PROMPTS", "NucleusSampler", "check_prompts", "generate_calibration_texts", "self_generated_calibration"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +182,20 @@ def _use_bf16_autocast(setting: bool | None, model: Any, device: torch.device) -
 
 
 @torch.no_grad()
+def check_prompts(languages: list[str], prompts: dict[str, list[str]] | None = None) -> dict[str, tuple[str, ...]]:
+    """The prompt table (:data:`PROMPTS` plus ``prompts``); raise when a language has no prompt, before
+    any model runs (the CLI calls it from its checks)."""
+    table = {**PROMPTS, **{k: tuple(v) for k, v in (prompts or {}).items()}}
+    unknown = [lang for lang in languages if not table.get(lang)]
+    if unknown:
+        raise CalibrationDataError(
+            f"No built-in prompts for language(s) {', '.join(unknown)} (--target-languages {' '.join(unknown)}; "
+            f"built in: {', '.join(PROMPTS)}). "
+            "Give text for them with --calibration-data (and --eval-data), or pass prompts={lang: [openers]}."
+        )
+    return table
+
+
 def generate_calibration_texts(
     model: Any,
     tokenizer: Any,
@@ -215,13 +229,7 @@ def generate_calibration_texts(
     ran about 6× slower (OpenMP threads waiting on busy cores); on an idle machine 2 threads help.
     """
     langs = list(dict.fromkeys(languages if languages is not None else DEFAULT_LANGUAGES))
-    table = {**PROMPTS, **{k: tuple(v) for k, v in (prompts or {}).items()}}
-    unknown = [lang for lang in langs if not table.get(lang)]
-    if unknown:
-        raise CalibrationDataError(
-            f"No built-in prompts for language(s) {', '.join(unknown)} (built in: {', '.join(PROMPTS)}). "
-            "Give calibration text for them with --calibration-data, or pass prompts={lang: [openers]}."
-        )
+    table = check_prompts(langs, prompts)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

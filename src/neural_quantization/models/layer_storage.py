@@ -40,6 +40,7 @@ from torch import nn
 
 from neural_quantization.formats.integrity import INDEX_FILE, SINGLE_FILE
 
+RUN_FILE = "run.json"
 FINISHED_FILE = "finished.json"
 
 
@@ -98,7 +99,7 @@ class WorkDir:
     def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any], resume: bool) -> None:
         self.path = Path(path)
         self.layers = self.path / "layers"
-        run_file = self.path / "run.json"
+        run_file = self.path / RUN_FILE
         fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # compare as it was stored (tuples -> lists)
         if run_file.is_file():
             recorded = json.loads(run_file.read_text())
@@ -120,6 +121,11 @@ class WorkDir:
         self.layers.mkdir(parents=True, exist_ok=True)
         if not run_file.is_file():
             _atomic_write_text(run_file, json.dumps(fingerprint, indent=1, sort_keys=True))
+
+    @staticmethod
+    def is_started(path: str | os.PathLike) -> bool:
+        """Whether ``path`` holds a run of ours (its fingerprint file), finished or not."""
+        return (Path(path) / RUN_FILE).is_file()
 
     @staticmethod
     def is_finished(path: str | os.PathLike) -> bool:
