@@ -123,7 +123,8 @@ def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def _weight_files(path: Path) -> list[Path]:
+def _weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files of the checkpoint, and its index's weight map (None for a single file)."""
     index = path / INDEX_FILE
     if index.is_file():
         try:
@@ -138,9 +139,9 @@ def _weight_files(path: Path) -> list[Path]:
                 + (f" (and {len(missing) - 1} more shards)" if len(missing) > 1 else "")
                 + "; copy the whole checkpoint directory."
             )
-        return [path / name for name in names]
+        return [path / name for name in names], weight_map
     if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
+        return [path / SINGLE_FILE], None
     raise CheckpointError(f"{path} has no {SINGLE_FILE} (or {INDEX_FILE}); the checkpoint is incomplete.")
 
 
@@ -246,16 +247,15 @@ def inspect_checkpoint(checkpoint_dir: str | os.PathLike, check_values: bool = T
     path = Path(checkpoint_dir).expanduser()
     config, quant = _read_config(path)
     _check_fields(path, quant)
-    files = _weight_files(path)
+    files, weight_map = _weight_files(path)
     tensors: dict[str, TensorEntry] = {}
     for file in files:
         tensors.update(read_safetensors_header(file))
-    index = path / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    if weight_map is not None:
         absent = [name for name, file in weight_map.items() if name not in tensors or tensors[name].file.name != file]
         if absent:
-            raise CheckpointError(f"{index} maps {absent[0]} to {weight_map[absent[0]]}, which does not hold it.")
+            raise CheckpointError(f"{path / INDEX_FILE} maps {absent[0]} to {weight_map[absent[0]]}, which does not "
+                                  "hold it.")
     scales = _check_quantized_layers(quant, tensors)
     if not scales:
         raise CheckpointError(f"{path} holds no quantized layers (no .qweight tensors); it is not a GPTQ checkpoint.")
