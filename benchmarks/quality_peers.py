@@ -19,6 +19,11 @@ gptq-noact         ``desc_act=False``                     ``actorder=None``
                    (``static_groups=False``)
 gptq-static        ``desc_act=True, static_groups=True``  ``actorder="static"``
 gptq-static-asym   the same, ``sym=False``                the same, ``symmetric=False``
+gptq-mse           defaults, ``clip="mse"``               defaults, ``observer="mse"``
+gptq-hessian       defaults, ``clip="hessian"``           (none)
+gptq-rotate        defaults, ``rotate=True``              (none)
+gptq-rotate-hess   ``rotate=True, clip="hessian"``        (none)
+gptq-rotate-asym   the same, ``sym=False``                (none)
 =================  =====================================  ============================================
 
 Both use block size 128 and 1 % damping (their ``dampening_frac``, our ``damp_percent``).
@@ -55,7 +60,9 @@ from neural_quantization.models.loading import load_model
 from neural_quantization.reporting.report import environment_info
 
 SECOND_DOMAIN = REPO.parent / "shared" / "data" / "cv-sentences"
-SETTINGS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym")
+SETTINGS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-hessian",
+            "gptq-rotate", "gptq-rotate-hess", "gptq-rotate-asym")
+THEIRS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse")
 
 
 def our_config(setting: str, bits: int, group_size: int, num_samples: int, seq_len: int) -> QuantizationConfig | None:
@@ -67,6 +74,11 @@ def our_config(setting: str, bits: int, group_size: int, num_samples: int, seq_l
         "gptq-noact": QuantizationConfig(desc_act=False, static_groups=False, **base),
         "gptq-static": QuantizationConfig(desc_act=True, static_groups=True, **base),
         "gptq-static-asym": QuantizationConfig(desc_act=True, static_groups=True, sym=False, **base),
+        "gptq-mse": QuantizationConfig(clip="mse", **base),
+        "gptq-hessian": QuantizationConfig(clip="hessian", **base),
+        "gptq-rotate": QuantizationConfig(rotate=True, **base),
+        "gptq-rotate-hess": QuantizationConfig(rotate=True, clip="hessian", **base),
+        "gptq-rotate-asym": QuantizationConfig(rotate=True, clip="hessian", sym=False, **base),
     }[setting]
 
 
@@ -78,11 +90,12 @@ def llmcompressor_modifier(setting: str, bits: int, group_size: int) -> Any:
 
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=not setting.endswith("asym"),
                                strategy="channel" if group_size == -1 else "group",
-                               group_size=None if group_size == -1 else group_size)
+                               group_size=None if group_size == -1 else group_size,
+                               observer="mse" if setting == "gptq-mse" else "minmax")
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
     if setting == "rtn":
         return QuantizationModifier(config_groups=groups, ignore=["lm_head"])
-    kwargs = {} if setting == "gptq" else {"actorder": None if setting == "gptq-noact" else "static"}
+    kwargs = {} if setting in ("gptq", "gptq-mse") else {"actorder": None if setting == "gptq-noact" else "static"}
     return GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=128, dampening_frac=0.01, **kwargs)
 
 
@@ -143,6 +156,8 @@ def main() -> None:
     runs = []
     for setting in args.settings:
         for tool in args.tools:
+            if tool == "llm-compressor" and setting not in THEIRS:
+                continue
             if tool == "ours":
                 config = our_config(setting, args.bits, args.group_size, args.num_samples, args.seq_len)
                 quantized, results = Quantizer(config).quantize_model(copy.deepcopy(model), ids, tokenizer=tokenizer)

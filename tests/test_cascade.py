@@ -121,7 +121,7 @@ def _problem(seed=0, n=48, k=96):
 @pytest.mark.parametrize("kw", [dict(group_size=32), dict(group_size=-1, desc_act=True), dict(group_size=32, sym=False)])
 def test_nested_codes_nest_and_read_exactly(kw):
     weight, hessian = _problem()
-    cfg = QuantizationConfig(bits=4, **{"desc_act": False, "static_groups": False, **kw})  # the nested solver's grids
+    cfg = QuantizationConfig(bits=4, **{"desc_act": False, "static_groups": False, "clip": "minmax", **kw})  # the nested grids
     narrow, wide = nested_gptq_quantize(weight, hessian, cfg, wide=8, narrow=4)
     # The narrow read of the wide tensors is the narrow solve, bit for bit.
     view = narrow_view(wide, 4)
@@ -153,7 +153,7 @@ def test_refinement_never_raises_the_loss_even_with_a_rank_deficient_hessian():
     weight = torch.randn(64, 128, generator=g) * 0.05
     x = torch.randn(16, 128, generator=g)  # 16 tokens, 128 inputs: H has rank 16
     hessian = 2 * x.T @ x / 16
-    cfg = QuantizationConfig(bits=4, group_size=32)
+    cfg = QuantizationConfig(bits=4, group_size=32, clip="minmax")
     narrow, plain = nested_gptq_quantize(weight, hessian, cfg, 8, 4, refine_sweeps=0)
     _, one = nested_gptq_quantize(weight, hessian, cfg, 8, 4, refine_sweeps=1)
     _, two = nested_gptq_quantize(weight, hessian, cfg, 8, 4, refine_sweeps=2)
@@ -164,7 +164,7 @@ def test_refinement_never_raises_the_loss_even_with_a_rank_deficient_hessian():
 def test_residual_solve_beats_rounding_within_the_cell():
     """The residual GPTQ pass compensates errors: better than rounding each weight inside its cell."""
     weight, hessian = _problem(seed=3)
-    narrow, wide = nested_gptq_quantize(weight, hessian, QuantizationConfig(bits=4, group_size=32), 8, 4)
+    narrow, wide = nested_gptq_quantize(weight, hessian, QuantizationConfig(bits=4, group_size=32, clip="minmax"), 8, 4)
     scale = wide.scales[wide.g_idx.long()].T
     zero = wide.zeros[wide.g_idx.long()].T.float()
     low = narrow.codes * 16

@@ -115,6 +115,9 @@ def _check_work_dir(request: RunRequest) -> tuple[Path | None, bool]:
     if request.stream_weights and (request.eval_data or request.self_evaluate or request.export_format != "gptq"):
         raise ValueError("--stream-weights writes a --format gptq checkpoint without evaluating it (the float "
                          "model is never in memory); evaluate it afterwards with `neural-quantize eval`.")
+    if config.rotate and request.stream_weights:
+        raise ValueError("--rotate changes every weight of the model before the first layer is solved, so it needs the "
+                         "model in memory; drop --stream-weights (or --rotate).")
     if config.cascade_stages:
         if request.work_dir or request.resume or request.stream_weights:
             raise ValueError("cascade runs cannot use --work-dir, --resume or --stream-weights yet.")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from neural_quantization.checks import EXPORT_FORMATS
-from neural_quantization.config import CHECKPOINT_DTYPES, DEFAULT_LANGUAGES, QuantizationConfig
+from neural_quantization.config import CHECKPOINT_DTYPES, CLIP_SEARCHES, DEFAULT_LANGUAGES, QuantizationConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
@@ -63,7 +63,13 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
     g.add_argument("--block-size", type=int, default=defaults.block_size, help="columns per lazy-update block of GPTQ")
     g.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=defaults.true_sequential,
                    help="solve a layer's linears in execution order, each seeing the quantized outputs before it")
-    g.add_argument("--mse-clip", action="store_true", help="search a clipping ratio per group (slower, often better at 2-3 bits)")
+    g.add_argument("--clip", choices=CLIP_SEARCHES, default=None,
+                   help="each group's grid: its min/max range, or clipped to minimise the weights' error (mse) or "
+                        "GPTQ's Hessian-weighted output error (hessian; the default for GPTQ, minmax for RTN)")
+    g.add_argument("--mse-clip", dest="clip", action="store_const", const="mse", help="the same as --clip mse")
+    g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=defaults.rotate,
+                   help="rotate the residual stream by a Hadamard matrix merged into the weights before quantizing "
+                        "(spreads outliers; the checkpoint stays an ordinary one)")
     g.add_argument("--method", choices=("gptq", "rtn"), default=defaults.method, help="solver")
     g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection")
     g.add_argument("--kernel-backend", choices=("auto", "torch", "triton", "marlin"), default=defaults.kernel_backend,
@@ -237,7 +243,8 @@ def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
         bits=bits,
         group_size=args.group_size,
         sym=args.sym,
-        mse_clip=args.mse_clip,
+        clip=args.clip,
+        rotate=args.rotate,
         method=args.method,
         damp_percent=args.damp,
         block_size=args.block_size,

@@ -61,6 +61,7 @@ class QuantizationResults:
     device: str = "cpu"
     stages: list[dict[str, Any]] = field(default_factory=list)  # cascade runs: one entry per stage
     work_dir: str | None = None  # where finished layers were written (resume / streamed runs)
+    rotation: dict[str, Any] | None = None  # config.rotate: what models/rotation.py did (RotationReport)
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -249,6 +250,15 @@ class Quantizer:
             check_marlin_shapes(model, config)
 
         start = time.perf_counter()
+        rotation = None
+        if config.rotate:
+            if weights is not None:
+                from neural_quantization.config import ConfigError
+
+                raise ConfigError("rotate needs the model in memory; drop stream_weights (--stream-weights) or rotate.")
+            from neural_quantization.models.rotation import rotate_residual_stream
+
+            rotation = rotate_residual_stream(model, seed=config.seed, device=device).to_dict()
         input_ids, calibration = self._calibration_tokens(model, tokenizer, calibration_data, config)
         reference_fp16_bytes = sum(t.numel() for _, t in unique_state_items(model)) * FP16_BYTES
         stages = []
@@ -269,11 +279,15 @@ class Quantizer:
 
         every_layer = [r for stage in stages for r in stage.layers] or layer_reports
         warnings = sorted({r.note for r in every_layer if r.note})
+        if rotation is not None and rotation["kind"] != "hadamard":
+            warnings.append(f"no Hadamard matrix of order {rotation['width']} is built here; the residual stream was "
+                            f"rotated by a random orthogonal matrix instead")
         settle_checkpoint_dtype(model, config.checkpoint_dtype)
         model.config.quantization_config = gptq_quantization_config(
             config,
             base_model=model_name,
-            extra={"calibration": calibration, "quantization_seconds": round(seconds, 3)},
+            extra={"calibration": calibration, "quantization_seconds": round(seconds, 3),
+                   **({"rotation": rotation} if rotation else {})},
         )
         attach_save_pretrained(model, tokenizer, work_dir=storage.work_dir if weights is not None else None)
         sizes = measure_sizes(model, reference_fp16_bytes)
@@ -287,6 +301,7 @@ class Quantizer:
             device=", ".join(str(d) for d in work_devices) if storage is not None else str(device),
             stages=[stage.to_dict() for stage in stages],
             work_dir=str(storage.work_dir.path) if storage is not None and storage.work_dir is not None else None,
+            rotation=rotation,
             **sizes,
         )
         return model, results

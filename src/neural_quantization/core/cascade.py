@@ -92,7 +92,7 @@ def nested_layout(wide: int, narrow: int) -> dict:
 
 
 def nested_grid(
-    w: torch.Tensor, narrow: int, wide: int, sym: bool, mse_clip: bool
+    w: torch.Tensor, narrow: int, wide: int, sym: bool, clip: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The narrow grid ``(scale, zero)`` of the rows of ``w`` whose scale / f is exact in fp16.
 
@@ -100,7 +100,7 @@ def nested_grid(
     ((rows, 1), (rows, 1)) fp32 tensors; ``scale / f`` is the wide scale stored in the checkpoint.
     """
     f = refinement(wide, narrow)
-    scale, zero = grid.choose_params(w, narrow, sym, mse_clip)
+    scale, zero = grid.choose_params(w, narrow, sym, clip)
     wide_scale = grid._round_scale_fp16(scale / f)
     return wide_scale * f, zero
 
@@ -197,7 +197,7 @@ def nested_gptq_quantize(
 ) -> tuple[QuantizedWeight, QuantizedWeight]:
     """Solve ``weight`` (N, K) at ``narrow`` bits, then its residual at ``wide`` bits (see module doc).
 
-    Uses ``config.group_size, sym, mse_clip, desc_act, damp_percent, block_size`` (not ``bits``).
+    Uses ``config.group_size, sym, clip, desc_act, damp_percent, block_size`` (not ``bits``).
     Returns ``(narrow_qw, wide_qw)`` with ``narrow_view(wide_qw, narrow) == narrow_qw`` exactly.
     """
     f = refinement(wide, narrow)
@@ -214,7 +214,7 @@ def nested_gptq_quantize(
     def round_narrow(col: int, W1: torch.Tensor, i: int, Wall: torch.Tensor, i2: int):
         if col % group == 0:
             upcoming = torch.cat([W1[:, i:], Wall[:, i2 : col + group]], dim=1)[:, :group]
-            current["scale"], current["zero"] = nested_grid(upcoming, narrow, wide, config.sym, config.mse_clip)
+            current["scale"], current["zero"] = nested_grid(upcoming, narrow, wide, config.sym, config.clip)
             scales[col // group], zeros[col // group] = current["scale"].squeeze(1), current["zero"].squeeze(1)
         q = grid.quantize(W1[:, i : i + 1], current["scale"], current["zero"], narrow)
         return q.squeeze(1), grid.dequantize(q, current["scale"], current["zero"])

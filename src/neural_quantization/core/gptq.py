@@ -31,6 +31,9 @@ Options that change the order or the grid:
   groups follow the processing order, so ``g_idx`` maps each original column to its group.
   ``static_groups`` instead fixes every group's grid from the original weights in the original
   column order before the solve, so ``g_idx`` stays ``k // group_size`` even with act-order.
+* clipping (``clip``): a group's grid is its min/max range, or that range shrunk by the ratio
+  that minimises the weights' rounding error ("mse") or the group's own term of the objective
+  above, ``e H_gg eᵀ`` for the rounding error ``e`` of each row ("hessian"; ``core/grid.py``).
 * damping: ``damp_percent · mean(diag(H))`` is added to the diagonal; when the Cholesky
   factorisation still fails, the damping is doubled until it succeeds (the value used is returned).
 """
@@ -142,10 +145,10 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float) -> tupl
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizationConfig) -> QuantizedWeight:
     """Quantize ``weight`` (N, K) given the Hessian ``hessian`` (K, K) of its inputs.
 
-    Uses ``config.bits, group_size, sym, mse_clip, desc_act, static_groups, damp_percent,
+    Uses ``config.bits, group_size, sym, clip, desc_act, static_groups, damp_percent,
     block_size``. Pure: the inputs are not modified. Runs on the device of ``weight``.
     """
-    bits, sym, mse = config.bits, config.sym, config.mse_clip
+    bits, sym, clip = config.bits, config.sym, config.clip
     W = weight.detach().float().clone()  # (N, K), updated in place as errors are spread
     H = hessian.detach().float().to(W.device).clone()  # (K, K)
     n_out, n_in = W.shape
@@ -161,7 +164,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: Quantizat
     zeros = torch.zeros(n_groups, n_out, dtype=torch.float32, device=W.device)
     if config.static_groups:
         for g, start in enumerate(range(0, n_in, group)):
-            scale, zero = grid.choose_params(W[:, start : start + group], bits, sym, mse)
+            block = slice(start, start + group)
+            scale, zero = grid.choose_params(W[:, block], bits, sym, clip, H[block, block])
             scales[g], zeros[g] = scale.squeeze(1), zero.squeeze(1)
 
     if config.desc_act:
@@ -189,7 +193,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: Quantizat
             if not config.static_groups and s1 % group == 0:
                 # The group's grid, from the weights as GPTQ has updated them so far.
                 upcoming = torch.cat([W1[:, s1 - i1 :], W[:, i2 : s1 + group]], dim=1)[:, :group]
-                scale, zero = grid.choose_params(upcoming, bits, sym, mse)
+                columns = slice(s1, s1 + upcoming.shape[1])  # processing positions of the group
+                scale, zero = grid.choose_params(upcoming, bits, sym, clip, H[columns, columns])
                 scales[group_at[s1]], zeros[group_at[s1]] = scale.squeeze(1), zero.squeeze(1)
             solve_columns(W1, Err1, codes[:, i1:i2], Hinv1, scales, zeros, group_table[i1:i2], s1 - i1, s2 - i1, bits)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of everything after the block

@@ -37,7 +37,11 @@ Shapes: ``w`` is (rows, cols); ``scale`` and ``zero`` are (rows, 1) so they broa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from neural_quantization.config import CLIP_SEARCHES
 
 _MIN_SCALE = 1e-7  # smaller scales underflow fp16; weights that small are zero in practice
 
@@ -95,29 +99,21 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return dequantize(quantize(w, scale, zero, bits), scale, zero)
 
 
-def mse_params(
-    w: torch.Tensor,
-    bits: int,
-    sym: bool,
-    max_shrink: float = 0.8,
-    steps: int = 100,
-    norm: float = 2.4,
+def _search_clipping(
+    w: torch.Tensor, bits: int, sym: bool, error_of: Callable[[torch.Tensor], torch.Tensor],
+    max_shrink: float, steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max grid with a per-row clipping ratio chosen to minimise ``sum |w - fake_q(w)|**norm``.
-
-    Tries ratios ``1, 1 - 1/steps, …, max_shrink`` of the min/max range (the search of the GPTQ
-    reference code, norm 2.4), keeping for each row the ratio with the smallest error.
-    """
-    w = w.float()
+    """The min/max grid of each row of ``w`` shrunk by the ratio (``1, 1 - 1/steps, …, max_shrink``)
+    that gives the smallest ``error_of(w - fake_q(w))`` (one value per row, shape (rows, 1))."""
     best_scale, best_zero = minmax_params(w, bits, sym)
-    best_err = (fake_quantize(w, best_scale, best_zero, bits) - w).abs_().pow_(norm).sum(dim=1, keepdim=True)
-    for i in range(1, int(max_shrink * steps) + 1):
+    best_err = error_of(fake_quantize(w, best_scale, best_zero, bits) - w)
+    for i in range(1, steps + 1):
         ratio = 1 - i / steps
-        if ratio < max_shrink:
+        if ratio < max_shrink - 1e-9:
             break
-        # Scaling w scales its min/max range; fold the ratio back into the scale afterwards.
+        # Scaling w scales its min/max range; the grid of w * ratio is the shrunk grid of w.
         scale, zero = minmax_params(w * ratio, bits, sym)
-        err = (fake_quantize(w, scale, zero, bits) - w).abs_().pow_(norm).sum(dim=1, keepdim=True)
+        err = error_of(fake_quantize(w, scale, zero, bits) - w)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -125,6 +121,50 @@ def mse_params(
     return best_scale, best_zero
 
 
-def choose_params(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid for the rows of ``w``: MSE-clipped when asked, plain min/max otherwise."""
-    return mse_params(w, bits, sym) if mse_clip else minmax_params(w, bits, sym)
+def mse_params(
+    w: torch.Tensor, bits: int, sym: bool, max_shrink: float = 0.8, steps: int = 100, norm: float = 2.4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max grid with a per-row clipping ratio chosen to minimise ``sum |w - fake_q(w)|**norm``.
+
+    Tries ratios ``1, 1 - 1/steps, …, max_shrink`` of the min/max range (the search of the GPTQ
+    reference code, norm 2.4), keeping for each row the ratio with the smallest error.
+    """
+    w = w.float()
+    return _search_clipping(w, bits, sym, lambda e: e.abs_().pow_(norm).sum(dim=1, keepdim=True), max_shrink, steps)
+
+
+def hessian_params(
+    w: torch.Tensor, bits: int, sym: bool, hessian: torch.Tensor, max_shrink: float = 0.7, steps: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max grid with the per-row clipping ratio that minimises GPTQ's own objective for the group.
+
+    ``w`` (rows, g) are the weights of one group and ``hessian`` (g, g) the block of
+    ``H = 2/n Σ x xᵀ`` for the same columns. The rounding error ``e = w - fake_q(w)`` of a row
+    changes the layer's output by ``e X_gᵀ``, whose energy is ``e H_gg eᵀ / 2``: the group's term of
+    ``tr((W - Q) H (W - Q)ᵀ)`` before GPTQ compensates it. Weight MSE (:func:`mse_params`) counts
+    every column alike; this search weights each column by how strongly its input fires, and the
+    cross terms by how inputs co-vary, so it clips where clipping costs the output least.
+    """
+    w = w.float()
+    h = hessian.float().to(w.device)
+    return _search_clipping(w, bits, sym, lambda e: ((e @ h) * e).sum(dim=1, keepdim=True), max_shrink, steps)
+
+
+def choose_params(
+    w: torch.Tensor, bits: int, sym: bool, clip: str = "minmax", hessian: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid for the rows of ``w`` (rows, g) by the search ``clip`` (one of :data:`CLIP_SEARCHES`).
+
+    "minmax": the plain min/max grid; "mse": clipped to minimise weight error; "hessian": clipped
+    to minimise the Hessian-weighted error, which needs ``hessian`` (g, g), the block of ``H`` for
+    the group's columns.
+    """
+    if clip == "minmax":
+        return minmax_params(w, bits, sym)
+    if clip == "mse":
+        return mse_params(w, bits, sym)
+    if clip == "hessian":
+        if hessian is None:
+            raise ValueError("clip='hessian' needs the Hessian block of the group's columns.")
+        return hessian_params(w, bits, sym, hessian)
+    raise ValueError(f"clip={clip!r} is unknown; use one of {CLIP_SEARCHES}.")

@@ -17,14 +17,20 @@ from neural_quantization.core.quantized_weight import QuantizedWeight, group_ind
 def rtn_quantize(
     weight: torch.Tensor, config: QuantizationConfig, hessian: torch.Tensor | None = None
 ) -> QuantizedWeight:
-    """Quantize ``weight`` (N, K) group by group; ``loss`` is filled in when ``hessian`` is given."""
+    """Quantize ``weight`` (N, K) group by group; ``loss`` is filled in when ``hessian`` is given.
+
+    With ``config.clip == "hessian"`` the grids are clipped on the Hessian-weighted error, which
+    needs ``hessian`` (K, K).
+    """
     w = weight.float()
     n_out, n_in = w.shape
     size = n_in if config.group_size == -1 else config.group_size
     scales, zeros, codes = [], [], torch.empty(n_out, n_in, dtype=torch.int32, device=w.device)
     for start in range(0, n_in, size):
         block = w[:, start : start + size]
-        scale, zero = grid.choose_params(block, config.bits, config.sym, config.mse_clip)
+        columns = slice(start, start + size)
+        block_hessian = hessian[columns, columns].to(w.device) if hessian is not None else None
+        scale, zero = grid.choose_params(block, config.bits, config.sym, config.clip, block_hessian)
         codes[:, start : start + size] = grid.quantize(block, scale, zero, config.bits)
         scales.append(scale.squeeze(1))
         zeros.append(zero.squeeze(1))

@@ -75,6 +75,21 @@ def group_by_shared_input(modules: dict[str, nn.Module], run: Callable[[], Any])
     return groups
 
 
+def untie_output_embeddings(model: nn.Module) -> bool:
+    """Give a tied ``lm_head`` its own copy of the embedding's weight (and ``tie_word_embeddings =
+    False`` in the config), so one can change without the other. Returns whether it was tied."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and getattr(model.config, "tie_word_embeddings", False)
+    if tied:
+        if head.weight is embedding.weight or head.weight.data_ptr() == embedding.weight.data_ptr():
+            head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+        if text_config is not None and text_config is not model.config:
+            text_config.tie_word_embeddings = False
+    return bool(tied)
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule ``name`` (dotted path) of ``root`` by ``module``."""
     parent_name, _, child = name.rpartition(".")

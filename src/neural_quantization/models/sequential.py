@@ -46,6 +46,7 @@ from neural_quantization.models.discovery import (
     group_by_shared_input,
     move_all_but,
     set_submodule,
+    untie_output_embeddings,
 )
 from neural_quantization.models.layer_storage import LayerStorage, WorkDir
 from neural_quantization.nn.qlinear import QuantLinear, swap_in_quant_linears
@@ -592,9 +593,7 @@ def quantize_lm_head(
         handle.remove()
         for layer in layers:
             layer.__dict__.pop("forward", None)
-    if getattr(model.config, "tie_word_embeddings", False):
-        head.weight = nn.Parameter(head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
+    untie_output_embeddings(model)
     qlinear, report = quantize_linear(head_name, head, hessian, config)
     set_submodule(model, head_name, qlinear)
     return report

@@ -1,0 +1,134 @@
+"""Methods that go past plain GPTQ: each lowers the objective it claims to, and its checkpoint loads back."""
+
+import pytest
+import torch
+
+from neural_quantization import QuantizationConfig, load_quantized
+from neural_quantization.config import ConfigError
+from neural_quantization.core import grid
+from neural_quantization.core.gptq import gptq_quantize
+from neural_quantization.core.quantized_weight import hessian_weighted_error
+
+
+def _anisotropic_hessian(k: int, seed: int = 0) -> torch.Tensor:
+    """A Hessian with a few loud, correlated inputs, as LLM activations have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * k, k, generator=g) * torch.logspace(0, 1.5, k)[torch.randperm(k, generator=g)]
+    x[:, :3] += 5 * torch.randn(4 * k, 1, generator=g)  # correlated outliers
+    return 2 * x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("bits,sym", [(3, True), (4, True), (4, False)])
+def test_hessian_clip_lowers_the_groups_hessian_weighted_error(bits, sym):
+    w = torch.randn(48, 32, generator=torch.Generator().manual_seed(1)) ** 3
+    h = _anisotropic_hessian(32)
+    s0, z0 = grid.minmax_params(w, bits, sym)
+    s1, z1 = grid.hessian_params(w, bits, sym, h)
+
+    def objective(s, z):
+        e = grid.fake_quantize(w, s, z, bits) - w
+        return ((e @ h) * e).sum(dim=1)
+
+    assert (objective(s1, z1) <= objective(s0, z0) * (1 + 1e-6)).all()
+    assert objective(s1, z1).sum() < 0.95 * objective(s0, z0).sum()
+
+
+def test_gptq_with_hessian_clip_lowers_the_layer_objective():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(2)) ** 3
+    h = _anisotropic_hessian(128)
+    losses = {clip: gptq_quantize(w, h, QuantizationConfig(bits=3, group_size=32, clip=clip)).loss
+              for clip in ("minmax", "hessian")}
+    assert losses["hessian"] < losses["minmax"]
+    assert losses["hessian"] == pytest.approx(
+        hessian_weighted_error(w, gptq_quantize(w, h, QuantizationConfig(bits=3, group_size=32, clip="hessian"))
+                               .dequantize(), h))
+
+
+def test_clip_is_validated_and_old_records_still_load():
+    with pytest.raises(ConfigError, match="--clip"):
+        QuantizationConfig(clip="percentile")
+    with pytest.raises(ConfigError, match="only GPTQ"):
+        QuantizationConfig(method="rtn", clip="hessian")
+    assert QuantizationConfig.from_dict({"mse_clip": True}).clip == "mse"
+    assert QuantizationConfig.from_dict({"mse_clip": False}).clip == "minmax"
+
+
+# --- rotation of the residual stream ---------------------------------------------------------------
+
+from test_pipeline import tiny_model, tokens  # noqa: E402
+
+from neural_quantization import Quantizer  # noqa: E402
+from neural_quantization.core.hadamard import hadamard_matrix, random_rotation  # noqa: E402
+from neural_quantization.models.rotation import RotationError, rotate_residual_stream  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 20, 28, 36, 64, 576, 640, 896, 1536])
+def test_hadamard_matrices_are_hadamard(n):
+    h = hadamard_matrix(n)
+    assert set(h.unique().tolist()) <= {-1, 1}
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.int64))
+
+
+def test_rotation_falls_back_to_a_random_orthogonal_matrix_where_no_hadamard_is_built():
+    assert hadamard_matrix(6) is None
+    r, kind = random_rotation(6)
+    assert kind == "random orthogonal"
+    torch.testing.assert_close(r @ r.T, torch.eye(6, dtype=torch.float64))
+    r, kind = random_rotation(12, seed=3)
+    assert kind == "hadamard"
+    torch.testing.assert_close(r.abs(), torch.full((12, 12), 12 ** -0.5, dtype=torch.float64))
+    torch.testing.assert_close(r @ r.T, torch.eye(12, dtype=torch.float64))
+
+
+ROTATABLE = ["llama", "mistral", "gemma", "qwen2", "qwen3", "phi3"]
+
+
+@pytest.mark.parametrize("arch", ROTATABLE)
+def test_rotated_model_computes_the_same_logits(arch):
+    model = tiny_model(arch)
+    ids = tokens(2)
+    with torch.no_grad():
+        before = model(ids).logits
+    weights_before = model.model.layers[0].mlp.down_proj.weight.clone()
+    report = rotate_residual_stream(model)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+    assert not torch.allclose(model.model.layers[0].mlp.down_proj.weight, weights_before)  # it did rotate
+    assert report.kind == "hadamard" and report.writers == 4 and report.norms == 5
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_post_norm_architectures_are_refused_before_anything_changes(arch):
+    model = tiny_model(arch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RotationError, match="post-norm"):
+        rotate_residual_stream(model)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_rotation_spreads_an_outlier_channel_of_the_weights():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[:, 5] *= 30  # one loud input channel
+    peak = lambda w: float(w.detach().abs().max() / w.detach().abs().mean())  # noqa: E731
+    before = peak(model.model.layers[0].self_attn.q_proj.weight)
+    rotate_residual_stream(model)
+    assert peak(model.model.layers[0].self_attn.q_proj.weight) < before / 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rotated_checkpoint_loads_back_with_equal_logits(arch, tmp_path):
+    model = tiny_model(arch)
+    model.config.tie_word_embeddings = True  # the tied case: the rotation must untie lm_head
+    model.tie_weights()
+    ids = tokens()
+    config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=4, rotate=True, clip="hessian")
+    quantized, results = Quantizer(config).quantize_model(model, ids)
+    assert results.rotation["kind"] == "hadamard" and results.rotation["untied_lm_head"]
+    assert quantized.lm_head.weight.data_ptr() != quantized.model.embed_tokens.weight.data_ptr()
+    quantized.save_pretrained(tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(quantized(ids[:2]).logits, loaded(ids[:2]).logits)
+    assert not loaded.config.tie_word_embeddings
