@@ -10,21 +10,23 @@ same token windows (the reference statistics are computed once per set).
 Settings (``--settings``), each for both tools unless noted, on the grid of ``--bits`` /
 ``--group-size`` (symmetric unless "asym"):
 
-=================  =====================================  ============================================
-setting            ours                                   llm-compressor 0.14
-=================  =====================================  ============================================
-rtn                ``method="rtn"``                       ``QuantizationModifier`` (round to nearest)
-gptq               ``QuantizationConfig()`` defaults      ``GPTQModifier`` defaults (actorder static)
-gptq-noact         ``desc_act=False``                     ``actorder=None``
-                   (``static_groups=False``)
-gptq-static        ``desc_act=True, static_groups=True``  ``actorder="static"``
-gptq-static-asym   the same, ``sym=False``                the same, ``symmetric=False``
-gptq-mse           defaults, ``clip="mse"``               defaults, ``observer="mse"``
-gptq-hessian       defaults, ``clip="hessian"``           (none)
-gptq-rotate        defaults, ``rotate=True``              (none)
-gptq-rotate-hess   ``rotate=True, clip="hessian"``        (none)
-gptq-rotate-asym   the same, ``sym=False``                (none)
-=================  =====================================  ============================================
+=================  ==========================================  =======================================
+setting            ours                                        llm-compressor 0.14
+=================  ==========================================  =======================================
+rtn                ``method="rtn"``                            ``QuantizationModifier`` (round to nearest)
+gptq               ``QuantizationConfig()`` defaults           ``GPTQModifier`` defaults (actorder static)
+gptq-noact         ``desc_act=False, static_groups=False``     ``actorder=None``
+gptq-static        ``desc_act=True, static_groups=True``       ``actorder="static"``
+gptq-static-asym   the same, ``sym=False``                     the same, ``symmetric=False``
+gptq-mse           defaults, ``clip="mse"``                    defaults, ``observer="mse"``
+gptq-imatrix       defaults (``clip="hessian"``)               defaults, ``observer="imatrix-mse"``
+gptq-rotate        defaults, ``rotate=True``                   (none)
+best               ``QuantizationConfig.from_preset("best")``  (none)
+=================  ==========================================  =======================================
+
+The settings named after one of llm-compressor's use our min/max grid (``clip="minmax"``, their
+"minmax" observer), so the pair differs only in the solver; ``gptq`` is each tool's default as a
+user gets it (ours searches the clipping on GPTQ's objective).
 
 Both use block size 128 and 1 % damping (their ``dampening_frac``, our ``damp_percent``).
 
@@ -60,25 +62,25 @@ from neural_quantization.models.loading import load_model
 from neural_quantization.reporting.report import environment_info
 
 SECOND_DOMAIN = REPO.parent / "shared" / "data" / "cv-sentences"
-SETTINGS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-hessian",
-            "gptq-rotate", "gptq-rotate-hess", "gptq-rotate-asym")
-THEIRS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse")
+SETTINGS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-imatrix", "gptq-rotate",
+            "best")
+THEIRS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-imatrix")
 
 
 def our_config(setting: str, bits: int, group_size: int, num_samples: int, seq_len: int) -> QuantizationConfig | None:
     """Our configuration for ``setting`` (None: the setting has no counterpart of ours)."""
     base = dict(bits=bits, group_size=group_size, num_samples=num_samples, seq_len=seq_len)
+    minmax = dict(base, clip="minmax")
     return {
         "rtn": QuantizationConfig(method="rtn", **base),
         "gptq": QuantizationConfig(**base),
-        "gptq-noact": QuantizationConfig(desc_act=False, static_groups=False, **base),
-        "gptq-static": QuantizationConfig(desc_act=True, static_groups=True, **base),
-        "gptq-static-asym": QuantizationConfig(desc_act=True, static_groups=True, sym=False, **base),
+        "gptq-noact": QuantizationConfig(desc_act=False, static_groups=False, **minmax),
+        "gptq-static": QuantizationConfig(desc_act=True, static_groups=True, **minmax),
+        "gptq-static-asym": QuantizationConfig(desc_act=True, static_groups=True, sym=False, **minmax),
         "gptq-mse": QuantizationConfig(clip="mse", **base),
-        "gptq-hessian": QuantizationConfig(clip="hessian", **base),
+        "gptq-imatrix": QuantizationConfig(**base),  # ours weights by the whole Hessian block, theirs by its diagonal
         "gptq-rotate": QuantizationConfig(rotate=True, **base),
-        "gptq-rotate-hess": QuantizationConfig(rotate=True, clip="hessian", **base),
-        "gptq-rotate-asym": QuantizationConfig(rotate=True, clip="hessian", sym=False, **base),
+        "best": QuantizationConfig.from_preset("best", **base),
     }[setting]
 
 
@@ -91,11 +93,11 @@ def llmcompressor_modifier(setting: str, bits: int, group_size: int) -> Any:
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=not setting.endswith("asym"),
                                strategy="channel" if group_size == -1 else "group",
                                group_size=None if group_size == -1 else group_size,
-                               observer="mse" if setting == "gptq-mse" else "minmax")
+                               observer={"gptq-mse": "mse", "gptq-imatrix": "imatrix-mse"}.get(setting, "minmax"))
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
     if setting == "rtn":
         return QuantizationModifier(config_groups=groups, ignore=["lm_head"])
-    kwargs = {} if setting in ("gptq", "gptq-mse") else {"actorder": None if setting == "gptq-noact" else "static"}
+    kwargs = {} if setting in ("gptq", "gptq-mse", "gptq-imatrix") else {"actorder": None if setting == "gptq-noact" else "static"}
     return GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=128, dampening_frac=0.01, **kwargs)
 
 
@@ -163,8 +165,13 @@ def main() -> None:
                 quantized, results = Quantizer(config).quantize_model(copy.deepcopy(model), ids, tokenizer=tokenizer)
                 seconds, described = results.quantization_seconds, config.to_dict()
             else:
-                quantized, seconds = run_llmcompressor(model, tokenizer, ids, setting, args.bits, args.group_size)
                 described = repr(llmcompressor_modifier(setting, args.bits, args.group_size))
+                try:
+                    quantized, seconds = run_llmcompressor(model, tokenizer, ids, setting, args.bits, args.group_size)
+                except Exception as err:  # a setting their release cannot run is recorded, not fatal
+                    runs.append({"tool": tool, "setting": setting, "config": described, "error": repr(err)})
+                    print(f"{tool:>15} {setting:<17} failed: {err!r}", flush=True)
+                    continue
             evaluated = {name: summarize({lang: r.to_dict() for lang, r in compare_languages(quantized, ref).items()})
                          for name, ref in references.items()}
             runs.append({"tool": tool, "setting": setting, "config": described, "quantization_seconds": seconds,

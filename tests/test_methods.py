@@ -132,3 +132,25 @@ def test_rotated_checkpoint_loads_back_with_equal_logits(arch, tmp_path):
     with torch.no_grad():
         assert torch.equal(quantized(ids[:2]).logits, loaded(ids[:2]).logits)
     assert not loaded.config.tie_word_embeddings
+
+
+# --- presets -----------------------------------------------------------------------------------------
+
+def test_presets_set_their_fields_and_explicit_options_win():
+    from neural_quantization.cli import build_parser, config_from_args
+    from neural_quantization.config import PRESETS
+
+    best = QuantizationConfig.from_preset("best")
+    assert (best.method, best.rotate, best.sym, best.clip) == ("gptq", True, False, "hessian")
+    fast = QuantizationConfig.from_preset("fast")
+    assert (fast.method, fast.clip) == ("rtn", "minmax")
+    assert QuantizationConfig.from_preset("standard") == QuantizationConfig()
+    assert QuantizationConfig.from_preset("best", sym=True).sym
+    with pytest.raises(ConfigError, match="--preset"):
+        QuantizationConfig.from_preset("fastest")
+    parser = build_parser()
+    for preset in PRESETS:
+        args = parser.parse_args(["quantize", "--model", "m", "--output-dir", "o", "--preset", preset])
+        assert config_from_args(args) == QuantizationConfig.from_preset(preset)
+    args = parser.parse_args(["quantize", "--model", "m", "--output-dir", "o", "--preset", "best", "--sym", "--no-rotate"])
+    assert config_from_args(args) == QuantizationConfig.from_preset("best", sym=True, rotate=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from neural_quantization.checks import EXPORT_FORMATS
-from neural_quantization.config import CHECKPOINT_DTYPES, CLIP_SEARCHES, DEFAULT_LANGUAGES, QuantizationConfig
+from neural_quantization.config import CHECKPOINT_DTYPES, CLIP_SEARCHES, DEFAULT_LANGUAGES, PRESETS, QuantizationConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
@@ -50,8 +50,12 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
         "--group-size", type=int, default=defaults.group_size,
         help="input columns sharing one scale/zero; -1 = one per output channel",
     )
+    g.add_argument("--preset", choices=sorted(PRESETS), default="standard",
+                   help="fast: round to nearest; best: adds --rotate --asym to standard GPTQ (act-order, static "
+                        "groups, Hessian clip search), the most accurate measured (docs/quality.md). Options given "
+                        "explicitly override the preset's")
     sym = g.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=defaults.sym,
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
                      help="symmetric grid, zero point fixed at 2^(bits-1) (the default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
     g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=defaults.desc_act,
@@ -67,10 +71,10 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
                    help="each group's grid: its min/max range, or clipped to minimise the weights' error (mse) or "
                         "GPTQ's Hessian-weighted output error (hessian; the default for GPTQ, minmax for RTN)")
     g.add_argument("--mse-clip", dest="clip", action="store_const", const="mse", help="the same as --clip mse")
-    g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=defaults.rotate,
+    g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="rotate the residual stream by a Hadamard matrix merged into the weights before quantizing "
                         "(spreads outliers; the checkpoint stays an ordinary one)")
-    g.add_argument("--method", choices=("gptq", "rtn"), default=defaults.method, help="solver")
+    g.add_argument("--method", choices=("gptq", "rtn"), default=None, help="solver (default: the preset's, gptq)")
     g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection")
     g.add_argument("--kernel-backend", choices=("auto", "torch", "triton", "marlin"), default=defaults.kernel_backend,
                    help="matmul kernels of the quantized model")
@@ -239,13 +243,13 @@ def _cascade_from_args(args: argparse.Namespace) -> tuple[list[int] | None, str,
 
 def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
     cascade_stages, cascade_mode, bits = _cascade_from_args(args)
-    return QuantizationConfig(
+    chosen = {"sym": args.sym, "rotate": args.rotate, "method": args.method}
+    return QuantizationConfig.from_preset(
+        getattr(args, "preset", "standard"),
+        **{name: value for name, value in chosen.items() if value is not None},
         bits=bits,
         group_size=args.group_size,
-        sym=args.sym,
         clip=args.clip,
-        rotate=args.rotate,
-        method=args.method,
         damp_percent=args.damp,
         block_size=args.block_size,
         true_sequential=args.true_sequential,

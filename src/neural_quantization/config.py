@@ -62,6 +62,20 @@ def marlin_shape_problems(name: str, in_features: int, out_features: int, group_
     return problems
 
 
+#: Named combinations, chosen by what ``benchmarks/quality_peers.py`` measured (docs/quality.md).
+#: Each is a set of QuantizationConfig fields; options given explicitly override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # round to nearest: seconds, no calibration data; the baseline
+    "fast": {"method": "rtn", "rotate": False, "sym": True},
+    # GPTQ, act-order with static groups, clip search on GPTQ's objective: every engine we export to
+    # loads it and runs it at full speed (vLLM's Marlin, GPTQModel, our kernels)
+    "standard": {"method": "gptq", "rotate": False, "sym": True},
+    # the most accurate measured: residual-stream rotation + asymmetric grid. The checkpoint is an
+    # ordinary asymmetric GPTQ one (vLLM's gptq kernels and transformers load it; Marlin needs sym)
+    "best": {"method": "gptq", "rotate": True, "sym": False},
+}
+
+
 def default_clip(method: str, cascade_mode: str, cascade_stages: list[int] | None) -> str:
     """The clip search used when none is named: GPTQ's own objective wherever the solver has a Hessian
     and fixes grids itself, plain min/max for RTN and the nested cascade."""
@@ -228,6 +242,13 @@ class QuantizationConfig:
                 raise ConfigError("the nested cascade does not quantize lm_head; drop quantize_lm_head.")
             if self.clip == "hessian":
                 raise ConfigError("the nested cascade chooses its grids by min/max or MSE; use --clip minmax or --clip mse.")
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> QuantizationConfig:
+        """The configuration of a named preset (:data:`PRESETS`), with ``overrides`` on top."""
+        if preset not in PRESETS:
+            raise ConfigError(f"preset={preset!r} is unknown; use one of {sorted(PRESETS)} (e.g. --preset best).")
+        return cls(**{**PRESETS[preset], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
