@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,10 @@ from neural_quantization import QuantizationConfig, Quantizer
 from neural_quantization.evaluation import compare_languages
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "multilingual"
+#: ``../shared`` beside the checkout; NQ_SHARED points elsewhere (a machine where it is not beside it)
+SHARED = Path(os.environ.get("NQ_SHARED", REPO.parent / "shared"))
+SHARED_DATA = SHARED / "data" / "multilingual"
+SECOND_DOMAIN = SHARED / "data" / "cv-sentences"  # a second domain, evaluation only
 
 
 def measure_variant(

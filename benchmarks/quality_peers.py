@@ -52,7 +52,7 @@ import time
 from typing import Any
 
 import torch
-from common import REPO, SHARED_DATA, print_and_save
+from common import REPO, SECOND_DOMAIN, SHARED_DATA, print_and_save
 
 from neural_quantization import QuantizationConfig, Quantizer
 from neural_quantization.calibration.sampling import calibration_from_source
@@ -61,7 +61,6 @@ from neural_quantization.evaluation import compare_languages, reference_language
 from neural_quantization.models.loading import load_model
 from neural_quantization.reporting.report import environment_info
 
-SECOND_DOMAIN = REPO.parent / "shared" / "data" / "cv-sentences"
 SETTINGS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-imatrix", "gptq-rotate",
             "best")
 THEIRS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-imatrix")

@@ -265,6 +265,9 @@ def quality_peers(document: dict[str, Any]) -> str:
     lines = [head, "", "| tool | setting | " + " | ".join(f"{name} avg Δppl | worst | KL" for name in sets)
              + " | quantization time |", "|---|---|" + "---|---|---|" * len(sets) + "---|"]
     for run in document["runs"]:
+        if "error" in run:
+            lines.append(f"| {run['tool']} | {run['setting']} | failed: {run['error'][:80]} |" + " |" * (3 * len(sets)))
+            continue
         cells = []
         for name in sets:
             e = run["evaluation"][name]
@@ -273,7 +276,34 @@ def quality_peers(document: dict[str, Any]) -> str:
                       f"{e['mean_kl_divergence']:.4f}"]
         lines.append(f"| {run['tool']} | {run['setting']} | " + " | ".join(cells)
                      + f" | {run['quantization_seconds']:.0f} s |")
+    ratios = quality_peers_ratios(document)
+    if ratios:
+        lines += ["", "Ratios of average perplexity increase (" + " / ".join(sets) + "): "
+                  + "; ".join(f"{label} {' / '.join(f'{r:.2f}×' for r in values)}" for label, values in ratios.items())
+                  + "."]
     return "\n".join(lines)
+
+
+def quality_peers_ratios(document: dict[str, Any]) -> dict[str, list[float]]:
+    """The issue's yardsticks, per evaluation set: our default against theirs, our best preset against
+    the best of their settings, our best against our round to nearest."""
+    runs = [r for r in document["runs"] if "error" not in r]
+    sets = list(runs[0]["evaluation"]) if runs else []
+
+    def avg(tool: str, setting: str | None = None) -> list[float] | None:
+        chosen = [r for r in runs if r["tool"] == tool and (setting is None or r["setting"] == setting)]
+        if not chosen:
+            return None
+        return [min(r["evaluation"][n]["avg_degradation_pct"] for r in chosen) for n in sets]
+
+    out = {}
+    pairs = {"our default / their default": (avg("ours", "gptq"), avg("llm-compressor", "gptq")),
+             "our best preset / their best setting": (avg("ours", "best"), avg("llm-compressor")),
+             "our best preset / our RTN": (avg("ours", "best"), avg("ours", "rtn"))}
+    for label, (a, b) in pairs.items():
+        if a and b:
+            out[label] = [x / y for x, y in zip(a, b)]
+    return out
 
 
 RENDERERS = {"quality_peers": quality_peers, "checkpoint_size": checkpoint_size, "quality": quality, "calibration": calibration, "kernels": kernels, "kernel_shapes": kernel_shapes,
