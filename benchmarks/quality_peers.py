@@ -19,7 +19,7 @@ gptq-noact         ``desc_act=False, static_groups=False``     ``actorder=None``
 gptq-static        ``desc_act=True, static_groups=True``       ``actorder="static"``
 gptq-static-asym   the same, ``sym=False``                     the same, ``symmetric=False``
 gptq-mse           defaults, ``clip="mse"``                    defaults, ``observer="mse"``
-gptq-imatrix       defaults (``clip="hessian"``)               defaults, ``observer="imatrix-mse"``
+gptq-imatrix       (none: ours is ``gptq``)                    defaults, ``observer="imatrix-mse"``
 gptq-rotate        defaults, ``rotate=True``                   (none)
 best               ``QuantizationConfig.from_preset("best")``  (none)
 =================  ==========================================  =======================================
@@ -77,7 +77,7 @@ def our_config(setting: str, bits: int, group_size: int, num_samples: int, seq_l
         "gptq-static": QuantizationConfig(desc_act=True, static_groups=True, **minmax),
         "gptq-static-asym": QuantizationConfig(desc_act=True, static_groups=True, sym=False, **minmax),
         "gptq-mse": QuantizationConfig(clip="mse", **base),
-        "gptq-imatrix": QuantizationConfig(**base),  # ours weights by the whole Hessian block, theirs by its diagonal
+        "gptq-imatrix": None,  # theirs only: their activation-weighted MSE observer; ours is "gptq" (the default)
         "gptq-rotate": QuantizationConfig(rotate=True, **base),
         "best": QuantizationConfig.from_preset("best", **base),
     }[setting]
@@ -130,6 +130,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--languages", nargs="+", default=["en", "de", "ru", "zh", "ar"])
+    parser.add_argument("--eval-languages", nargs="+", default=None,
+                        help="languages to evaluate (default: the calibration languages); others than those "
+                             "calibrated on check the settings on text the calibration never saw")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--tools", nargs="+", default=["ours", "llm-compressor"], choices=["ours", "llm-compressor"])
     parser.add_argument("--bits", type=int, default=4)
@@ -149,8 +152,9 @@ def main() -> None:
     calib = calibration_from_source(str(SHARED_DATA), tokenizer, args.languages, args.num_samples, args.seq_len,
                                     args.seed)
     ids = calib.input_ids
-    sets = {"multilingual-eval": load_language_texts(str(SHARED_DATA), args.languages, split="eval"),
-            "cv-sentences": load_language_texts(str(SECOND_DOMAIN), args.languages, split="eval")}
+    eval_languages = args.eval_languages or args.languages
+    sets = {"multilingual-eval": load_language_texts(str(SHARED_DATA), eval_languages, split="eval"),
+            "cv-sentences": load_language_texts(str(SECOND_DOMAIN), eval_languages, split="eval")}
     references = {name: reference_languages(model, tokenizer, texts, seq_len=args.eval_seq_len,
                                             max_windows_per_language=args.max_windows, show_progress=False)
                   for name, texts in sets.items()}
@@ -161,6 +165,8 @@ def main() -> None:
                 continue
             if tool == "ours":
                 config = our_config(setting, args.bits, args.group_size, args.num_samples, args.seq_len)
+                if config is None:
+                    continue
                 quantized, results = Quantizer(config).quantize_model(copy.deepcopy(model), ids, tokenizer=tokenizer)
                 seconds, described = results.quantization_seconds, config.to_dict()
             else:
@@ -182,7 +188,7 @@ def main() -> None:
     versions = {name: _version(name) for name in ("llmcompressor", "compressed-tensors", "transformers", "torch")}
     print_and_save({
         "benchmark": "quality_peers", "model": args.model, "environment": environment_info(), "versions": versions,
-        "protocol": {"languages": args.languages, "bits": args.bits, "group_size": args.group_size,
+        "protocol": {"languages": args.languages, "eval_languages": eval_languages, "bits": args.bits, "group_size": args.group_size,
                      "calibration": {"source": str(SHARED_DATA), "split": "calib", "num_samples": args.num_samples,
                                      "seq_len": args.seq_len, "seed": args.seed,
                                      "ids_sha256": _sha256(ids), "same_ids_for_both_tools": True},
