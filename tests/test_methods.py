@@ -154,3 +154,17 @@ def test_presets_set_their_fields_and_explicit_options_win():
         assert config_from_args(args) == QuantizationConfig.from_preset(preset)
     args = parser.parse_args(["quantize", "--model", "m", "--output-dir", "o", "--preset", "best", "--sym", "--no-rotate"])
     assert config_from_args(args) == QuantizationConfig.from_preset("best", sym=True, rotate=False)
+
+
+def test_a_layer_no_calibration_reached_is_rounded_on_the_min_max_grid():
+    """The Hessian clip search (the default) needs a Hessian; without one the fallback is plain RTN."""
+    from torch import nn
+
+    from neural_quantization.core.rtn import rtn_quantize
+    from neural_quantization.models.sequential import quantize_linear
+
+    linear = nn.Linear(64, 32)
+    qlinear, report = quantize_linear("unreached", linear, None, QuantizationConfig(group_size=32))
+    assert report.method == "rtn" and "min/max grid" in report.note
+    expected = rtn_quantize(linear.weight, QuantizationConfig(method="rtn", group_size=32))
+    assert torch.equal(qlinear.dequantize_weight(torch.float32), expected.dequantize())

@@ -272,6 +272,8 @@ def quantize_linear(
     method = config.method
     if method == "gptq" and hessian is None:
         method, note = "rtn", "no calibration tokens reached this layer; rounded to nearest instead"
+        if config.clip == "hessian":  # no Hessian to weight the clip search by: the plain min/max grid
+            config, note = config.replace(method="rtn", clip="minmax"), note + " (min/max grid)"
     if method == "gptq":
         quantized = gptq_quantize(linear.weight, hessian, config)
     else:
