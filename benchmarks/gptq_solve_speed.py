@@ -2,7 +2,7 @@
 
 The solve (``core/gptq.py``: Cholesky factor of the damped inverse Hessian, the column loop, the
 lazy block updates) is timed alone on random weights and a random positive definite Hessian, with
-the column loop as one Triton launch per block (``kernels/triton/gptq_columns.py``) and as the
+the column loop as one Triton launch per block (``core/gptq_columns.py``) and as the
 eager torch loop (``NQ_GPTQ_COLUMN_KERNEL=0``).
 
     python benchmarks/gptq_solve_speed.py --output benchmarks/results/gptq_solve_speed_h100.json

@@ -3,12 +3,12 @@
     PYTHONPATH=src python benchmarks/kernels.py --output benchmarks/results/kernels_h100.json
 
 All options: ``--help`` (the same as ``neural-quantize bench``); the logic lives in
-``neural_quantization.kernels.bench`` so the CLI and this script measure the same thing.
+``neural_quantization.bench.kernels`` so the CLI and this script measure the same thing.
 """
 
 import sys
 
-from neural_quantization.kernels.bench import main
+from neural_quantization.bench.kernels import main
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

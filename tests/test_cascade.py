@@ -14,7 +14,7 @@ from neural_quantization.core.cascade import narrow_view, nested_gptq_quantize
 from neural_quantization.core.gptq import accumulate_hessian, gptq_quantize
 from neural_quantization.core.quantized_weight import hessian_weighted_error
 from neural_quantization.core.rtn import rtn_quantize
-from neural_quantization.formats.checkpoint import CheckpointError
+from neural_quantization.export.checkpoint import CheckpointError
 from neural_quantization.models.cascade import (
     dequantize_model_linears,
     narrow_quantlinear,

@@ -205,7 +205,7 @@ def test_bench_without_a_gpu_exits_2_with_the_reason(args, name, capsys):
 
 
 def test_decode_profile_categories():
-    from neural_quantization.kernels.decode_bench import kernel_category
+    from neural_quantization.bench.decode import kernel_category
 
     assert kernel_category("void nq_mma::mma_int4_kernel<__half, 2, 1, 1, 0, 2, 1, 1>(nq_mma::Params)") == \
         "int4 matmul (ours)"

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from neural_quantization import QuantizationConfig, QuantLinear, Quantizer
-from neural_quantization.formats.compressed_tensors import ExportError, check_export_config, export_compressed_tensors
+from neural_quantization.export.compressed_tensors import ExportError, check_export_config, export_compressed_tensors
 
 compressed_tensors = pytest.importorskip(
     "compressed_tensors", reason="compressed-tensors is not installed (pip install 'neural-quantization[export]')"

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from neural_quantization import QuantizationConfig, QuantLinear, Quantizer
-from neural_quantization.formats.gguf_export import (
+from neural_quantization.export.gguf import (
     GGUFExportError,
     check_export_config,
     export_gguf,

@@ -103,7 +103,7 @@ def test_compressed_tensors_config_validates_with_the_package(tmp_path):
     from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig as CTConfig
 
-    from neural_quantization.formats.compressed_tensors import export_compressed_tensors
+    from neural_quantization.export.compressed_tensors import export_compressed_tensors
 
     model, _, _, _ = saved_checkpoint(tmp_path, bits=4, sym=False)
     path = export_compressed_tensors(model, tmp_path / "ct")

@@ -24,9 +24,9 @@ from neural_quantization.core.rtn import rtn_quantize
 from neural_quantization.formats.packing import pack, unpack
 from neural_quantization.kernels import ops
 from neural_quantization.kernels.reference import quant_linear_reference
-from neural_quantization.kernels.triton import dispatch
-from neural_quantization.kernels.triton.dispatch import LaunchConfig, launch
-from neural_quantization.kernels.triton.layout import prepare_kernel_layout
+from neural_quantization.kernels import dispatch
+from neural_quantization.kernels.dispatch import LaunchConfig, launch
+from neural_quantization.kernels.layout import prepare_kernel_layout
 from neural_quantization.nn.qlinear import QuantLinear
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -273,7 +273,7 @@ def test_cuda_graph_capture_of_quant_linear():
 def test_gptq_column_kernel_matches_torch_loop(bits, group, sym, act_order, static, block, monkeypatch):
     """The solver's fused column loop gives the codes of the torch loop (the reference)."""
     from neural_quantization.core import gptq
-    from neural_quantization.kernels.triton.gptq_columns import quantize_columns
+    from neural_quantization.core.gptq_columns import quantize_columns
 
     gen = torch.Generator().manual_seed(bits * 100 + block)
     weight = torch.randn(37, 200, generator=gen)

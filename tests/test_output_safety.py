@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from neural_quantization import QuantizationConfig, Quantizer, load_quantized
 from neural_quantization.cli import EXIT_INTERRUPTED, main
-from neural_quantization.formats.directories import (
+from neural_quantization.export.directories import (
     OutputExistsError,
     check_output_dir,
     remove_stale_staging,

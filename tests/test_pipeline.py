@@ -19,9 +19,9 @@ from transformers import (
 )
 
 from neural_quantization import QuantizationConfig, QuantLinear, Quantizer, load_quantized
-from neural_quantization.formats.directories import OutputExistsError
+from neural_quantization.export.directories import OutputExistsError
 from neural_quantization.formats.packing import packed_length
-from neural_quantization.models.discovery import find_decoder_layers
+from neural_quantization.nn.modules import find_decoder_layers
 from neural_quantization.models.sequential import capture_layer_inputs, linear_groups, run_block, LayerInputs
 
 COMMON = dict(
@@ -205,7 +205,7 @@ def test_existing_output_dir_is_refused_and_nothing_is_half_written(tmp_path, mo
     with pytest.raises(OutputExistsError, match="--overwrite"):
         quantized.save_pretrained(target)
 
-    import neural_quantization.formats.checkpoint as checkpoint
+    import neural_quantization.export.checkpoint as checkpoint
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")

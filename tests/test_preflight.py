@@ -15,7 +15,7 @@ from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Phi3Config, Qwen2Config
 
 from neural_quantization import QuantizationConfig, Quantizer
-from neural_quantization.formats.checkpoint import unique_state_items
+from neural_quantization.export.checkpoint import unique_state_items
 from neural_quantization.models import preflight
 from neural_quantization.models.preflight import GIB, estimate_run, format_estimate
 
@@ -137,7 +137,7 @@ MEASURE = textwrap.dedent(
     import torch
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Phi3Config, Qwen2Config
     from neural_quantization import QuantizationConfig, Quantizer
-    from neural_quantization.formats.checkpoint import unique_state_items
+    from neural_quantization.export.checkpoint import unique_state_items
 
     def status(key):
         with open("/proc/self/status") as f:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from conftest import save_tiny_llama
 from neural_quantization.cli import main
-from neural_quantization.formats.checkpoint import CheckpointError, load_quantized
+from neural_quantization.export.checkpoint import CheckpointError, load_quantized
 
 
 @dataclass

@@ -9,13 +9,12 @@ Public API::
     fuse_projections(model)  # optional, for serving: q/k/v and gate/up as one matmul each
 """
 
-__version__ = "0.1.0"
-
-from neural_quantization.config import ConfigError, QuantizationConfig  # noqa: E402
-from neural_quantization.formats.checkpoint import load_quantized, save_quantized  # noqa: E402
-from neural_quantization.nn.fused_projections import fuse_projections  # noqa: E402
-from neural_quantization.nn.qlinear import QuantLinear  # noqa: E402
-from neural_quantization.quantizer import (  # noqa: E402
+from neural_quantization._version import __version__
+from neural_quantization.config import ConfigError, QuantizationConfig
+from neural_quantization.export.checkpoint import load_quantized, save_quantized
+from neural_quantization.nn.fused_projections import fuse_projections
+from neural_quantization.nn.qlinear import QuantLinear
+from neural_quantization.quantizer import (
     GemmaQuantizer,
     LlamaQuantizer,
     MistralQuantizer,

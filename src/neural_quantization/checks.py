@@ -8,7 +8,7 @@ an error whose message says how to fix the problem (the CLI turns it into one li
    options (``--resume``, ``--stream-weights``, cascades), evaluation settings;
 2. the device(s): parseable, present on this machine (``cuda:3`` on a 1-GPU machine, CUDA on a
    CPU-only machine);
-3. the output directory (``formats/directories.py``: never the current directory or above, only
+3. the output directory (``export/directories.py``: never the current directory or above, only
    our own checkpoints are replaced) and the work directory (an interrupted run is resumed or
    refused, a finished one is noted for removal);
 4. the calibration and evaluation data: local files are read and every language must have text;
@@ -101,9 +101,9 @@ def _check_export_format(request: RunRequest) -> None:
         raise ValueError(f"--format {fmt} cannot hold a nested cascade (two widths in one set of codes); "
                          "use --format gptq or --cascade-mode sequential.")
     if fmt == "compressed-tensors":
-        from neural_quantization.formats.compressed_tensors import check_export_config
+        from neural_quantization.export.compressed_tensors import check_export_config
     else:
-        from neural_quantization.formats.gguf_export import check_export_config
+        from neural_quantization.export.gguf import check_export_config
     check_export_config(config)
 
 
@@ -172,7 +172,7 @@ def _check_model(request: RunRequest, model_config: Any, resolved: Any) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from neural_quantization.models.discovery import UnsupportedModelError, find_decoder_layers
+    from neural_quantization.nn.modules import UnsupportedModelError, find_decoder_layers
 
     config = request.config
     context = model_context(model_config)
@@ -188,7 +188,7 @@ def _check_model(request: RunRequest, model_config: Any, resolved: Any) -> None:
                 )
     model_type = getattr(model_config, "model_type", None)
     if request.export_format == "gguf":
-        from neural_quantization.formats.gguf_export import ARCHITECTURES
+        from neural_quantization.export.gguf import ARCHITECTURES
 
         if model_type not in ARCHITECTURES:
             raise ValueError(f"--format gguf exports the Llama architecture ({', '.join(sorted(ARCHITECTURES))}); "
@@ -207,15 +207,33 @@ def _check_model(request: RunRequest, model_config: Any, resolved: Any) -> None:
     _, layers = find_decoder_layers(model)
     _check_export_shapes(request, model, layers[0])
     if config.kernel_backend == "marlin":
-        from neural_quantization.quantizer import check_marlin_shapes
-
         check_marlin_shapes(model, config)
+
+
+def check_marlin_shapes(model: Any, config: QuantizationConfig) -> None:
+    """Fail before quantizing when a layer to be quantized has a shape vLLM's Marlin kernels refuse."""
+    from neural_quantization.config import ConfigError, marlin_shape_problems
+    from neural_quantization.nn.modules import find_decoder_layers, find_linear_layers
+
+    _, layers = find_decoder_layers(model)
+    problems = [
+        problem
+        for block in layers[:1]  # every decoder layer has the same shapes
+        for name, linear in find_linear_layers(block).items()
+        for problem in marlin_shape_problems(name, linear.in_features, linear.out_features, config.group_size)
+    ]
+    if problems:
+        raise ConfigError(
+            "kernel_backend='marlin': this model's layers do not fit vLLM's Marlin kernels ("
+            + "; ".join(problems)
+            + "). Use --kernel-backend auto (vLLM then serves the checkpoint with its gptq kernels)."
+        )
 
 
 def _check_export_shapes(request: RunRequest, model: Any, block: Any) -> None:
     """The layers to quantize (one decoder layer's linears; every layer has the same shapes, plus
     ``lm_head`` if asked) against the export format's shape rules."""
-    from neural_quantization.models.discovery import find_linear_layers
+    from neural_quantization.nn.modules import find_linear_layers
 
     if request.export_format == "gptq":
         return
@@ -224,11 +242,11 @@ def _check_export_shapes(request: RunRequest, model: Any, block: Any) -> None:
         linears["lm_head"] = model.get_output_embeddings()
     for name, linear in linears.items():
         if request.export_format == "compressed-tensors":
-            from neural_quantization.formats.compressed_tensors import shape_problem
+            from neural_quantization.export.compressed_tensors import shape_problem
 
             problem = shape_problem(linear.in_features, request.config.group_size)
         else:
-            from neural_quantization.formats.gguf_export import shape_problem
+            from neural_quantization.export.gguf import shape_problem
 
             problem = shape_problem(linear.in_features, linear.bias is not None)
         if problem:
@@ -237,7 +255,7 @@ def _check_export_shapes(request: RunRequest, model: Any, block: Any) -> None:
 
 def check_run(request: RunRequest) -> CheckedRun:
     """Run every check (module docstring) and return what the run will use; writes nothing."""
-    from neural_quantization.formats.directories import check_output_dir
+    from neural_quantization.export.directories import check_output_dir
     from neural_quantization.models.loading import load_model_config, resolve_model
 
     if request.eval_seq_len < 2:

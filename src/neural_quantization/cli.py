@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         epilog="The bare form `neural-quantize --model-name M --output-dir D ...` means `quantize`.",
     )
-    from neural_quantization import __version__
+    from neural_quantization._version import __version__
 
     parser.add_argument("--version", action="version", version=f"neural-quantization {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,bench,deploy-report}")
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true", help="run the baseline model's own Python code")
     _add_eval_options(e, "directory of {lang}.eval.txt / {lang}.txt files (required)")
 
-    # The benchmarks own their options (kernels/bench.py, kernels/decode_bench.py);
+    # The benchmarks own their options (bench/kernels.py, bench/decode.py);
     # `neural-quantize bench --help` and `neural-quantize bench decode --help` list them.
     b = sub.add_parser("bench", add_help=False,
                        help="GPU speed: kernels against cuBLAS fp16 and PyTorch int4; `bench decode`: end-to-end "
@@ -273,9 +273,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input, reported as one line with the fix and exit code 2."""
     from neural_quantization.calibration.sources import CalibrationDataError
     from neural_quantization.config import ConfigError
-    from neural_quantization.formats.checkpoint import CheckpointError
-    from neural_quantization.formats.directories import OutputExistsError
-    from neural_quantization.models.discovery import UnsupportedModelError
+    from neural_quantization.export.checkpoint import CheckpointError
+    from neural_quantization.export.directories import OutputExistsError
+    from neural_quantization.nn.modules import UnsupportedModelError
     from neural_quantization.models.loading import ModelNotFoundError
 
     return (ConfigError, CalibrationDataError, CheckpointError, OutputExistsError, ModelNotFoundError,
@@ -339,7 +339,7 @@ def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
 
     from neural_quantization.checks import check_run
     from neural_quantization.evaluation import QualityGates
-    from neural_quantization.formats.directories import directory_bytes, remove_stale_staging
+    from neural_quantization.export.directories import directory_bytes, remove_stale_staging
     from neural_quantization.models.layer_storage import WorkDir
 
     console = Console(stderr=False)
@@ -380,7 +380,7 @@ def _quantize_checked(args: argparse.Namespace, config: QuantizationConfig, gate
                       demo: bool) -> int:
     from neural_quantization.calibration.self_generated import generate_calibration_texts
     from neural_quantization.evaluation import all_passed, compare_languages, evaluate_gates, reference_languages
-    from neural_quantization.models.discovery import find_decoder_layers
+    from neural_quantization.nn.modules import find_decoder_layers
     from neural_quantization.models.layer_storage import WorkDir
     from neural_quantization.models.loading import load_model
     from neural_quantization.quantizer import Quantizer
@@ -494,7 +494,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from neural_quantization.checks import check_devices
     from neural_quantization.evaluation import QualityGates, all_passed, evaluate_gates, evaluate_languages
-    from neural_quantization.formats.checkpoint import load_quantized, validate_checkpoint
+    from neural_quantization.export.checkpoint import load_quantized, validate_checkpoint
     from neural_quantization.models.loading import load_model, resolve_model
     from neural_quantization.reporting.report import build_report
     from neural_quantization.reporting.terminal import render_languages, render_summary
@@ -563,13 +563,13 @@ def save_in_format(quantized: Any, tokenizer: Any, loaded: Any, args: argparse.N
     """
     fmt = getattr(args, "format", "gptq")
     if fmt == "compressed-tensors":
-        from neural_quantization.formats.compressed_tensors import export_compressed_tensors
+        from neural_quantization.export.compressed_tensors import export_compressed_tensors
 
         path = export_compressed_tensors(quantized, args.output_dir, tokenizer=tokenizer, overwrite=args.overwrite)
         console.print(f"compressed-tensors checkpoint written to {path}")
         return path
     if fmt == "gguf":
-        from neural_quantization.formats.gguf_export import save_checkpoint_with_gguf
+        from neural_quantization.export.gguf import save_checkpoint_with_gguf
 
         resolved = getattr(loaded, "resolved", None)
         source = (Path(resolved.path) / resolved.gguf_file) if resolved is not None and resolved.gguf_file else None
@@ -603,15 +603,15 @@ def run_deploy_report(args: argparse.Namespace) -> int:
 
 def run_bench(bench_args: list[str]) -> int:
     """Hand the arguments to the benchmark, which owns its options: ``bench decode …`` the end-to-end
-    decode benchmark (``kernels/decode_bench.py``), otherwise the kernel benchmark (``kernels/bench.py``)."""
+    decode benchmark (``bench/decode.py``), otherwise the kernel benchmark (``bench/kernels.py``)."""
     import torch
 
     if bench_args[:1] == ["decode"]:
-        from neural_quantization.kernels import decode_bench as benchmark
+        from neural_quantization.bench import decode as benchmark
 
         name, bench_args = "the decode benchmark", bench_args[1:]
     else:
-        from neural_quantization.kernels import bench as benchmark
+        from neural_quantization.bench import kernels as benchmark
 
         name = "the kernel benchmark"
     if not torch.cuda.is_available() and not {"-h", "--help"} & set(bench_args):

@@ -16,16 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from neural_quantization import __version__
+from neural_quantization._version import __version__
 from neural_quantization.config import QuantizationConfig
-from neural_quantization.formats.checkpoint import (
+from neural_quantization.export.checkpoint import (
     attach_save_pretrained,
     gptq_quantization_config,
     gptq_scale_names,
     stored_bytes,
     unique_state_items,
 )
-from neural_quantization.models.discovery import find_decoder_layers
+from neural_quantization.nn.modules import find_decoder_layers
 from neural_quantization.models.layer_storage import LayerStorage, WorkDir, tensor_fingerprint
 from neural_quantization.models.sequential import quantize_decoder_layers
 from neural_quantization.nn.qlinear import QuantLinear
@@ -73,26 +73,6 @@ class QuantizationResults:
     def mean_layer_loss(self) -> float | None:
         losses = [layer["loss"] for layer in self.layers if layer["loss"] is not None]
         return sum(losses) / len(losses) if losses else None
-
-
-def check_marlin_shapes(model: nn.Module, config: QuantizationConfig) -> None:
-    """Fail before quantizing when a layer to be quantized has a shape vLLM's Marlin kernels refuse."""
-    from neural_quantization.config import ConfigError, marlin_shape_problems
-    from neural_quantization.models.discovery import find_decoder_layers, find_linear_layers
-
-    _, layers = find_decoder_layers(model)
-    problems = [
-        problem
-        for block in layers[:1]  # every decoder layer has the same shapes
-        for name, linear in find_linear_layers(block).items()
-        for problem in marlin_shape_problems(name, linear.in_features, linear.out_features, config.group_size)
-    ]
-    if problems:
-        raise ConfigError(
-            "kernel_backend='marlin': this model's layers do not fit vLLM's Marlin kernels ("
-            + "; ".join(problems)
-            + "). Use --kernel-backend auto (vLLM then serves the checkpoint with its gptq kernels)."
-        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -247,6 +227,8 @@ class Quantizer:
         device = resolve_device(config.device)
         model.eval()
         if config.kernel_backend == "marlin":
+            from neural_quantization.checks import check_marlin_shapes
+
             check_marlin_shapes(model, config)
 
         start = time.perf_counter()

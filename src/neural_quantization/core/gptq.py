@@ -19,7 +19,7 @@ Using the upper Cholesky factor ``U`` of ``H^-1`` in place of ``H^-1`` (and re-u
 makes the sequence of updates exact and numerically stable. The updates are applied lazily: inside
 a block of ``block_size`` columns immediately, to the columns after the block once per block as
 one matrix product. The column loop inside a block is :func:`quantize_columns_torch`; on a GPU the
-same loop runs as one Triton launch per block (``kernels/triton/gptq_columns.py``), since the rows
+same loop runs as one Triton launch per block (``core/gptq_columns.py``), since the rows
 are independent given ``U``.
 
 Options that change the order or the grid:
@@ -236,7 +236,7 @@ def quantize_columns_torch(
 
     block, errors: (N, B) fp32; codes: (N, B) int32 view of the code matrix; hinv_block: (B, B) the
     block's part of the upper Cholesky factor ``U`` of ``H^-1``; scales, zeros: (G, N) grid table;
-    group_of_column: the group of each column of the block. ``kernels/triton/gptq_columns.py`` is
+    group_of_column: the group of each column of the block. ``core/gptq_columns.py`` is
     the same loop as one GPU kernel.
     """
     for i in range(start, stop):
@@ -262,7 +262,7 @@ def _column_solver(W: torch.Tensor, block_size: int, group_of_position: torch.Te
     """
     if W.is_cuda and block_size <= KERNEL_MAX_BLOCK and os.environ.get("NQ_GPTQ_COLUMN_KERNEL", "1") != "0":
         try:
-            from neural_quantization.kernels.triton.gptq_columns import quantize_columns
+            from neural_quantization.core.gptq_columns import quantize_columns
         except ImportError:  # Triton is an optional dependency
             pass
         else:

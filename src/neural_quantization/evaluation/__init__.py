@@ -3,7 +3,7 @@
 See :mod:`neural_quantization.evaluation.language_eval` for the window protocol and the math.
 """
 
-from neural_quantization.evaluation.gates import QualityGates, all_passed, evaluate_gates, summarize
+from neural_quantization.reporting.gates import QualityGates, all_passed, evaluate_gates, summarize
 from neural_quantization.evaluation.language_eval import (
     DEFAULT_TOP_K,
     LanguageResult,

@@ -17,7 +17,7 @@ problem:
   and ``group_size`` (K from ``g_idx``, N from ``qweight``), and the scales are finite.
 
 Checks against the model's architecture (tensor names and shapes against the model that
-``config.json`` builds) need transformers and live in ``formats/checkpoint.py``.
+``config.json`` builds) need transformers and live in ``export/checkpoint.py``.
 """
 
 from __future__ import annotations

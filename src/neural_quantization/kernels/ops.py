@@ -10,7 +10,7 @@
 * ``marlin``: a deployment profile (checked where checkpoints are exported); in process it runs
   like ``auto``.
 
-The kernels read the layer in "kernel order" (see ``kernels/triton/layout.py``): a one-time
+The kernels read the layer in "kernel order" (see ``kernels/layout.py``): a one-time
 :func:`prepare` sorts act-order checkpoints by group and detects symmetric zeros. Pass its result as
 ``layout=`` to keep the call path free of device synchronization (CUDA graphs, torch.compile);
 ``QuantLinear`` does this by itself on its first eager CUDA forward. Without ``layout`` the layout
@@ -54,7 +54,7 @@ def prepare(qweight, qzeros, scales, g_idx, bits: int, in_features: int):
     """
     if _triton_module() is None:
         return None
-    from neural_quantization.kernels.triton.layout import prepare_kernel_layout
+    from neural_quantization.kernels.layout import prepare_kernel_layout
 
     return prepare_kernel_layout(qweight, qzeros, scales, g_idx, bits, in_features)
 
@@ -112,7 +112,7 @@ def prepared_plan(kernel_qweight, qzeros, scales, perm, bias, bits, group_size, 
     """
     if _triton_module() is None:
         return None
-    from neural_quantization.kernels.triton.dispatch import PreparedMatmul
+    from neural_quantization.kernels.dispatch import PreparedMatmul
 
     return PreparedMatmul(kernel_qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
 
@@ -168,7 +168,7 @@ def gptq_matmul(
     symmetric: bool,
     backend: str,
 ) -> torch.Tensor:
-    """``y = x[..., perm] @ W^T + bias`` (…, N) with W in kernel order (``kernels/triton/layout.py``).
+    """``y = x[..., perm] @ W^T + bias`` (…, N) with W in kernel order (``kernels/layout.py``).
 
     ``backend``: "kernels" runs our kernels (Triton, and the CUDA ones where they built) where they
     can run (else the reference), "torch" the reference. The split-K counters the kernels use are internal and restored to
@@ -180,7 +180,7 @@ def gptq_matmul(
     if backend == "torch" or not kernels_available(x.device.type) or x.dtype not in KERNEL_DTYPES:
         out = reference_kernel_order(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features)
     else:
-        from neural_quantization.kernels.triton.dispatch import run
+        from neural_quantization.kernels.dispatch import run
 
         out = run(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
     return out.reshape(*lead, out_features)

@@ -35,7 +35,7 @@ from neural_quantization.config import QuantizationConfig
 from neural_quantization.core.cascade import narrow_view, nested_gptq_quantize
 from neural_quantization.core.quantized_weight import QuantizedWeight
 from neural_quantization.formats.gptq import to_gptq_tensors
-from neural_quantization.models.discovery import set_submodule
+from neural_quantization.nn.modules import set_submodule
 from neural_quantization.models.sequential import (
     LinearReport,
     quantize_decoder_layers,

@@ -13,7 +13,7 @@ Two independent options of the layer pipeline (``models/sequential.py``):
   layers instead of solving them again and replays their forward to rebuild the next layer's
   calibration inputs, so it writes the same tensors as an uninterrupted run. The per-layer files
   are also the shards of the final checkpoint when the weights are streamed
-  (``formats/checkpoint.py: save_streamed``).
+  (``export/checkpoint.py: save_streamed``).
 
 Layout of a work directory::
 

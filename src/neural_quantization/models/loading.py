@@ -524,7 +524,7 @@ def _load_streamed(resolved: ResolvedModel, dtype: str | torch.dtype | None, tru
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from neural_quantization.models.discovery import find_decoder_layers
+    from neural_quantization.nn.modules import find_decoder_layers
     from neural_quantization.models.layer_storage import CheckpointWeights
 
     if resolved.gguf_file:

@@ -7,7 +7,7 @@
 
 ``model`` may have its parameters on the ``meta`` device (``accelerate.init_empty_weights``): only
 shapes and dtypes are read, so a 70B configuration is estimated on a laptop in milliseconds. The
-decoder layers and their linears are found with ``models/discovery.py``, like the pipeline does;
+decoder layers and their linears are found with ``nn/modules.py``, like the pipeline does;
 attention and MLP sizes come from the model config (hidden size, heads, head_dim, intermediate size).
 
 Memory model
@@ -95,7 +95,7 @@ from torch import nn
 from neural_quantization.config import QuantizationConfig
 from neural_quantization.core.quantized_weight import num_groups
 from neural_quantization.formats.packing import packed_length
-from neural_quantization.models.discovery import find_decoder_layers, find_linear_layers
+from neural_quantization.nn.modules import find_decoder_layers, find_linear_layers
 
 GIB = 1 << 30
 MIB = 1 << 20

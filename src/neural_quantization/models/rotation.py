@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from neural_quantization.core.hadamard import random_rotation
-from neural_quantization.models.discovery import find_decoder_layers, untie_output_embeddings
+from neural_quantization.nn.modules import find_decoder_layers, untie_output_embeddings
 
 #: largest relative change of the logits accepted from a rotation (fp32 round-off is ~1e-6)
 MAX_LOGIT_CHANGE = 1e-3

@@ -40,7 +40,7 @@ from torch import nn
 from neural_quantization.config import QuantizationConfig
 from neural_quantization.core.gptq import accumulate_hessian, gptq_quantize
 from neural_quantization.core.rtn import rtn_quantize
-from neural_quantization.models.discovery import (
+from neural_quantization.nn.modules import (
     find_decoder_layers,
     find_linear_layers,
     group_by_shared_input,

@@ -18,7 +18,7 @@ member called after it *with the same tensor object* returns its columns of that
 no copy, no launch). A member called with any other input computes the fused product for that
 input and slices it, which is correct but wasteful, so only linears seen reading the same tensor
 are grouped: :func:`fuse_projections` finds them with one probe forward of one token, by the same
-rule as the quantizer's groups of linears that share an input (``models/discovery.py:
+rule as the quantizer's groups of linears that share an input (``nn/modules.py:
 group_by_shared_input``).
 
 Limits: in eager mode a member whose input was modified in place since the fused product was
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neural_quantization.models.discovery import group_by_shared_input
+from neural_quantization.nn.modules import group_by_shared_input
 from neural_quantization.nn.qlinear import QuantLinear
 
 #: the buffers a member exposes as column views of the fused tensors

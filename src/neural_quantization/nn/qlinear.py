@@ -7,7 +7,7 @@ model *is* the checkpoint, and loading it back gives bit-identical outputs. The 
 
 Kernel layout (lazy, load-time): the first eager forward on a CUDA device calls
 :meth:`QuantLinear.prepare_kernels`, which computes the kernel order once (act-order checkpoints
-are sorted by group, see ``kernels/triton/layout.py``) and keeps it in non-persistent buffers, so
+are sorted by group, see ``kernels/layout.py``) and keeps it in non-persistent buffers, so
 ``state_dict()`` stays the GPTQ checkpoint. Run one eager forward (or call ``prepare_kernels``)
 before capturing CUDA graphs or compiling; loading a state dict drops the prepared layout.
 """
@@ -213,7 +213,7 @@ def swap_in_quant_linears(
     ``meta`` device; ``root.load_state_dict(state, assign=True)`` then gives them the tensors.
     Returns the names of the replaced layers.
     """
-    from neural_quantization.models.discovery import set_submodule
+    from neural_quantization.nn.modules import set_submodule
 
     names = [key[: -len(".qweight")] for key in state if key.endswith(".qweight")]
     for name in names:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neural_quantization.evaluation.gates import QualityGates, all_passed, evaluate_gates, summarize
+from neural_quantization.reporting.gates import QualityGates, all_passed, evaluate_gates, summarize
 
 SCHEMA_VERSION = 1
 NOT_MEASURED = "not measured"

@@ -1,7 +1,7 @@
 """Loader of the CUDA int4 GEMV (``gemv_int4.cu``), the ``cuda_gemv`` strategy of the dispatcher.
 
 The kernel multiplies M ≤ 2 activation rows by a 4-bit GPTQ layer in kernel order
-(``kernels/triton/layout.py``): one warp per 8 packed rows × 128 columns, 16-byte loads, several
+(``kernels/layout.py``): one warp per 8 packed rows × 128 columns, 16-byte loads, several
 units' loads in flight per lane, split-K across warps and blocks reduced in the same launch (see
 the comment at the top of the ``.cu`` file).
 

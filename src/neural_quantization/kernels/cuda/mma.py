@@ -1,6 +1,6 @@
 """The tensor-core int4 kernel (``mma_int4.cu``) for M ≤ 16: its shapes, variants and call.
 
-The kernel reads the layer's GPTQ tensors in kernel order (``kernels/triton/layout.py``) as they
+The kernel reads the layer's GPTQ tensors in kernel order (``kernels/layout.py``) as they
 are: ``qweight`` (K/8, N) int32, ``scales`` (G, N) fp16/bf16, ``qzeros`` (G, N/8) int32. No copy
 of the weights is made. How the GPTQ words become ``mma.sync.m16n8k16`` fragments is documented at
 the top of ``mma_int4.cuh``: lane ``(g, t)`` of a warp reads the words of 2·NT adjacent columns

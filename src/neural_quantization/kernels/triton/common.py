@@ -1,6 +1,6 @@
 """Pieces shared by the Triton kernels: code extraction, zero points, and the split-K epilogue.
 
-Notation used by every kernel in this package (the "kernel order" of ``kernels/triton/layout.py``):
+Notation used by every kernel in this package (the "kernel order" of ``kernels/layout.py``):
 
 * ``x``      (M, K_in) activations (fp16 or bf16), row stride ``stride_xm``; with act-order the
   kernel reads column ``perm[k]`` of ``x`` for its k-th input position.

@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from neural_quantization.config import QuantizationConfig
-from neural_quantization.formats.checkpoint import unique_state_items
+from neural_quantization.export.checkpoint import unique_state_items
 from neural_quantization.formats.packing import pack
 from neural_quantization.nn.qlinear import QuantLinear
 
@@ -204,8 +204,8 @@ def export_compressed_tensors(
     and the tokenizer. Load it with ``AutoModelForCausalLM.from_pretrained(dir)`` (needs the
     ``compressed-tensors`` package) or ``vllm serve dir``.
     """
-    from neural_quantization.formats.checkpoint import write_model_directory
-    from neural_quantization.formats.directories import check_output_dir, staged_directory
+    from neural_quantization.export.checkpoint import write_model_directory
+    from neural_quantization.export.directories import check_output_dir, staged_directory
 
     target = check_output_dir(output_dir, overwrite)
     ours = getattr(model.config, "quantization_config", None)

@@ -155,7 +155,7 @@ def run_kernel_benchmark(
     """
     if not torch.cuda.is_available():
         raise RuntimeError("the kernel benchmark needs a CUDA device")
-    from neural_quantization.kernels.triton import dispatch
+    from neural_quantization.kernels import dispatch
 
     shapes = dict(MISTRAL_7B_SHAPES if shapes is None else shapes)
     device = torch.device("cuda")

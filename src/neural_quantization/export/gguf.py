@@ -433,8 +433,8 @@ def save_checkpoint_with_gguf(
     .gguf file inside it is what llama.cpp loads. Both go to a hidden staging sibling that is renamed
     into place only when both are complete.
     """
-    from neural_quantization.formats.checkpoint import checkpoint_tensors, write_model_directory
-    from neural_quantization.formats.directories import check_output_dir, staged_directory
+    from neural_quantization.export.checkpoint import checkpoint_tensors, write_model_directory
+    from neural_quantization.export.directories import check_output_dir, staged_directory
 
     target = check_output_dir(output_dir, overwrite)
     ours = getattr(model.config, "quantization_config", None)

@@ -1,7 +1,7 @@
 """Launch one kernel configuration a few times on one layer shape, for ``ncu`` (Nsight Compute).
 
     ncu --kernel-name regex:gemv_rows --launch-skip 2 --launch-count 1 --section SpeedOfLight \\
-        python -m neural_quantization.kernels.profile --shape 4096x28672 --m 1 \\
+        python -m neural_quantization.bench.profile --shape 4096x28672 --m 1 \\
         --config gemv_rows,1,512,64,8,4,1
 
 ``--config strategy,block_m,block_n,block_k,split_k,num_warps,num_stages[,variant]`` (the fields
@@ -16,8 +16,8 @@ import argparse
 import torch
 
 from neural_quantization.kernels import ops
-from neural_quantization.kernels.bench import random_gptq_layer
-from neural_quantization.kernels.triton import dispatch
+from neural_quantization.bench.kernels import random_gptq_layer
+from neural_quantization.kernels import dispatch
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ shifted right by 4 (the 8-bit zero is ``16·z + 8``). The grid is derived in ``c
 
 Writing is atomic: everything goes to a temporary sibling directory that is renamed into place at
 the end, so an interrupted save never leaves a half-written checkpoint under the requested name
-(``formats/directories.py`` owns the rules for which directories may be written or replaced).
+(``export/directories.py`` owns the rules for which directories may be written or replaced).
 Loading checks the directory first (``formats/integrity.py``, then the tensors against the model
 that ``config.json`` builds), so a damaged checkpoint fails with one line before any work.
 """
@@ -58,9 +58,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from neural_quantization import __version__
+from neural_quantization._version import __version__
 from neural_quantization.config import QuantizationConfig
-from neural_quantization.formats.directories import check_output_dir, staged_directory
+from neural_quantization.export.directories import check_output_dir, staged_directory
 from neural_quantization.formats.gptq import TENSOR_NAMES
 from neural_quantization.formats.integrity import (
     DTYPE_BYTES,
@@ -71,7 +71,7 @@ from neural_quantization.formats.integrity import (
     CheckpointInventory,
     inspect_checkpoint,
 )
-from neural_quantization.models.discovery import find_decoder_layers
+from neural_quantization.nn.modules import find_decoder_layers
 from neural_quantization.models.layer_storage import CheckpointWeights, WorkDir
 from neural_quantization.nn.qlinear import QuantLinear, swap_in_quant_linears
 

@@ -38,7 +38,7 @@ from torch import nn
 from neural_quantization.config import QuantizationConfig
 from neural_quantization.core.rtn import rtn_quantize
 from neural_quantization.formats.packing import pack
-from neural_quantization.kernels.bench import environment
+from neural_quantization.bench.kernels import environment
 from neural_quantization.nn.fused_projections import fuse_projections
 from neural_quantization.nn.qlinear import QuantLinear
 
