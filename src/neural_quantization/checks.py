@@ -1,11 +1,12 @@
 """Every check a quantization run can make before it reads a model weight.
 
 A run that fails after an hour on something knowable at its start is the worst kind of failure,
-so :func:`check_run` looks at everything a :class:`RunRequest` names, cheapest first, and raises
-an error whose message says how to fix the problem (the CLI turns it into one line and exit 2):
+so :func:`check_run` looks at everything a :class:`~neural_quantization.config.RunOptions` names,
+cheapest first, and raises an error whose message says how to fix the problem (the CLI turns it into
+one line and exit 2). Combinations of options are refused when the ``RunOptions`` is built (the
+rules live there, shared by the CLI and Python); what is left needs the machine:
 
-1. option combinations: the export format against the quantization options, work-directory
-   options (``--resume``, ``--stream-weights``, cascades), evaluation settings;
+1. the export format against the quantization options (rules owned by the export modules);
 2. the device(s): parseable, present on this machine (``cuda:3`` on a 1-GPU machine, CUDA on a
    CPU-only machine);
 3. the output directory (``export/directories.py``: never the current directory or above, only
@@ -23,39 +24,16 @@ Nothing is written: a failing check leaves the file system as it was.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from neural_quantization.config import ConfigError, QuantizationConfig
-
-EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf")
+from neural_quantization.config import EXPORT_FORMATS, ConfigError, QuantizationConfig, RunOptions
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
-__all__ = ["EXPORT_FORMATS", "CheckedRun", "RunRequest", "check_devices", "check_run", "model_context"]
-
-
-@dataclass
-class RunRequest:
-    """What a quantization run was asked to do (the CLI's options; Python users may build one too)."""
-
-    model_name: str
-    output_dir: str | os.PathLike
-    config: QuantizationConfig
-    overwrite: bool = False
-    calibration_data: Any = None
-    eval_data: str | os.PathLike | None = None
-    eval_seq_len: int = 512
-    self_evaluate: bool = False  # the demo: evaluation text the model writes itself
-    export_format: str = "gptq"
-    devices: list[str] | None = None
-    work_dir: str | os.PathLike | None = None
-    resume: bool = False
-    stream_weights: bool = False
-    trust_remote_code: bool = False
+__all__ = ["EXPORT_FORMATS", "CheckedRun", "check_devices", "check_marlin_shapes", "check_run", "model_context"]
 
 
 @dataclass
@@ -91,15 +69,10 @@ def check_devices(device: str, devices: list[str] | None = None) -> None:
             raise ValueError(f"{flag} {name}: only cpu, cuda and mps devices are supported.")
 
 
-def _check_export_format(request: RunRequest) -> None:
+def _check_export_format(request: RunOptions) -> None:
     fmt, config = request.export_format, request.config
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"--format {fmt!r} is unknown; use one of {', '.join(EXPORT_FORMATS)}.")
     if fmt == "gptq":
         return
-    if config.cascade_stages and config.cascade_mode == "nested":
-        raise ValueError(f"--format {fmt} cannot hold a nested cascade (two widths in one set of codes); "
-                         "use --format gptq or --cascade-mode sequential.")
     if fmt == "compressed-tensors":
         from neural_quantization.export.compressed_tensors import check_export_config
     else:
@@ -107,24 +80,13 @@ def _check_export_format(request: RunRequest) -> None:
     check_export_config(config)
 
 
-def _check_work_dir(request: RunRequest) -> tuple[Path | None, bool]:
+def _check_work_dir(request: RunOptions) -> tuple[Path | None, bool]:
     """(the run's work directory or None, whether it holds a finished run to remove first)."""
     from neural_quantization.models.layer_storage import WorkDir
 
-    config = request.config
-    if request.stream_weights and (request.eval_data or request.self_evaluate or request.export_format != "gptq"):
-        raise ValueError("--stream-weights writes a --format gptq checkpoint without evaluating it (the float "
-                         "model is never in memory); evaluate it afterwards with `neural-quantize eval`.")
-    if config.rotate and request.stream_weights:
-        raise ValueError("--rotate changes every weight of the model before the first layer is solved, so it needs the "
-                         "model in memory; drop --stream-weights (or --rotate).")
-    if config.cascade_stages:
-        if request.work_dir or request.resume or request.stream_weights:
-            raise ValueError("cascade runs cannot use --work-dir, --resume or --stream-weights yet.")
+    work_dir = request.work_path
+    if work_dir is None:
         return None, False
-    work_dir = Path(request.work_dir or f"{str(request.output_dir).rstrip('/')}.work").expanduser()
-    if work_dir.resolve() == Path(request.output_dir).expanduser().resolve():
-        raise ValueError("--work-dir must differ from --output-dir (the checkpoint replaces its directory).")
     started, finished = WorkDir.is_started(work_dir), WorkDir.is_finished(work_dir)
     if request.resume and not started:
         raise ValueError(f"--resume: {work_dir} holds no interrupted run; pass the --work-dir of that run "
@@ -141,7 +103,7 @@ def _check_work_dir(request: RunRequest) -> tuple[Path | None, bool]:
     return work_dir, finished
 
 
-def _check_data(request: RunRequest) -> None:
+def _check_data(request: RunOptions) -> None:
     from neural_quantization.calibration.self_generated import check_prompts
     from neural_quantization.calibration.sources import check_language_source
 
@@ -168,7 +130,7 @@ def model_context(model_config: Any) -> int | None:
     return None
 
 
-def _check_model(request: RunRequest, model_config: Any, resolved: Any) -> None:
+def _check_model(request: RunOptions, model_config: Any, resolved: Any) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -230,7 +192,7 @@ def check_marlin_shapes(model: Any, config: QuantizationConfig) -> None:
         )
 
 
-def _check_export_shapes(request: RunRequest, model: Any, block: Any) -> None:
+def _check_export_shapes(request: RunOptions, model: Any, block: Any) -> None:
     """The layers to quantize (one decoder layer's linears; every layer has the same shapes, plus
     ``lm_head`` if asked) against the export format's shape rules."""
     from neural_quantization.nn.modules import find_linear_layers
@@ -253,13 +215,11 @@ def _check_export_shapes(request: RunRequest, model: Any, block: Any) -> None:
             raise ValueError(f"--format {request.export_format}: {name}: {problem}")
 
 
-def check_run(request: RunRequest) -> CheckedRun:
+def check_run(request: RunOptions) -> CheckedRun:
     """Run every check (module docstring) and return what the run will use; writes nothing."""
     from neural_quantization.export.directories import check_output_dir
     from neural_quantization.models.loading import load_model_config, resolve_model
 
-    if request.eval_seq_len < 2:
-        raise ConfigError(f"--eval-seq-len {request.eval_seq_len} must be at least 2 (512 is usual).")
     _check_export_format(request)
     check_devices(request.config.device, request.devices)
     output_dir = check_output_dir(request.output_dir, request.overwrite)

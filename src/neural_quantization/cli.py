@@ -15,13 +15,22 @@ Exit codes: 0 success, 2 bad input (the message says how to fix it), 3 a quality
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from neural_quantization.checks import EXPORT_FORMATS
-from neural_quantization.config import CHECKPOINT_DTYPES, CLIP_SEARCHES, DEFAULT_LANGUAGES, PRESETS, QuantizationConfig
+from neural_quantization.config import (
+    CHECKPOINT_DTYPES,
+    CLIP_SEARCHES,
+    DEFAULT_CASCADE_STAGES,
+    DEFAULT_LANGUAGES,
+    EXPORT_FORMATS,
+    PRESETS,
+    EvalOptions,
+    QualityGates,
+    QuantizationConfig,
+    RunOptions,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
@@ -40,6 +49,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
                 or isinstance(action, argparse._StoreFalseAction)):
             return text
         return super()._get_help_string(action)
+
+
+def _add_config_file_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="TOML or YAML file of options (keys are the option names: bits = 4, group-size = 128, "
+                        "format = \"gguf\"; templates/ holds ready ones); options on the command line override it")
 
 
 def _add_quantization_options(p: argparse.ArgumentParser, defaults: QuantizationConfig) -> None:
@@ -171,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the checkpoint: a new or empty directory (never . or above it)")
     q.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output-dir, only if it holds a checkpoint of ours and nothing else")
+    _add_config_file_option(q)
     _add_quantization_options(q, defaults)
     _add_export_options(q)
     _add_eval_options(q, "evaluate per language right after quantizing: directory of {lang}.eval.txt / {lang}.txt")
@@ -182,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing --output-dir, only if it holds a checkpoint of ours and nothing else")
     d.add_argument("--model-name", default=DEMO_MODEL, help="model to quantize")
     demo_defaults = QuantizationConfig(group_size=64, num_samples=32, seq_len=256)
+    _add_config_file_option(d)
     _add_quantization_options(d, demo_defaults)
     _add_export_options(d)
     _add_eval_options(d, "evaluation texts; default: held-out text the model writes itself (a different seed)")
@@ -221,6 +238,92 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_options_file(path: str | Path) -> dict[str, Any]:
+    """The table of options in a ``.toml``, ``.yaml`` or ``.yml`` file (keys as the options are named,
+    with dashes or underscores; a TOML file may put them under a ``[quantize]`` table)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"--config {path}: not valid TOML ({err}).") from None
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"--config {path}: not valid YAML ({_one_line(err)}).") from None
+    else:
+        raise ValueError(f"--config {path}: use a .toml, .yaml or .yml file.")
+    if isinstance(data, dict) and set(data) == {"quantize"} and isinstance(data["quantize"], dict):
+        data = data["quantize"]
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a table of options (key = value), got {type(data).__name__}.")
+    return data
+
+
+def _file_defaults(sub: argparse.ArgumentParser, values: dict[str, Any], path: str) -> dict[str, Any]:
+    """Turn a config file's ``{option: value}`` into the subcommand's parsed defaults, converted and
+    checked as the same option on the command line would be."""
+    by_option = {opt[2:]: action for action in sub._actions for opt in action.option_strings if opt.startswith("--")}
+    defaults: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("_", "-")
+        action = by_option.get(name)
+        if action is None or name in ("config", "help"):
+            known = ", ".join(sorted(k for k in by_option if k not in ("config", "help")))
+            raise ValueError(f"--config {path}: unknown option {key!r}; the options are: {known}.")
+        if action.nargs == 0:  # a flag: true sets it, false leaves (or, for the "off" half, sets) the other value
+            if not isinstance(value, bool):
+                raise ValueError(f"--config {path}: {key} is a flag; write {key} = true or false.")
+            if isinstance(action, argparse.BooleanOptionalAction):
+                defaults[action.dest] = value
+            elif value:
+                defaults[action.dest] = action.const
+            elif isinstance(action, argparse._StoreFalseAction):
+                defaults[action.dest] = True
+            continue
+        many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+        items = value if isinstance(value, list) else [value]
+        if not many and isinstance(value, list):
+            raise ValueError(f"--config {path}: {key} takes one value, not a list.")
+        converted = []
+        for item in items:
+            try:
+                item = action.type(item) if action.type is not None and not isinstance(item, bool) else item
+            except (TypeError, ValueError):
+                raise ValueError(f"--config {path}: {key} = {item!r} is not a valid value.") from None
+            if action.choices is not None and item not in action.choices:
+                raise ValueError(f"--config {path}: {key} = {item!r}; choose from {', '.join(map(str, action.choices))}.")
+            converted.append(item)
+        defaults[action.dest] = converted if many else converted[0]
+    return defaults
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; with ``--config FILE`` the file's values become the subcommand's defaults and
+    the command line's options are parsed over them (an option given on the command line always wins;
+    the file may name the required ones, e.g. ``model-name``)."""
+    path = next((arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+                 for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")), None)
+    if path and argv[:1] in (["quantize"], ["demo"]):
+        sub = parser._subparsers._group_actions[0].choices[argv[0]]
+        defaults = _file_defaults(sub, read_options_file(path), path)
+        for action in sub._actions:
+            if action.dest in defaults:
+                action.required = False
+        sub.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
 def _normalise_argv(argv: list[str]) -> list[str]:
     """The original README's bare form (`neural-quantize --model-name …`) means `quantize`."""
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
@@ -228,33 +331,24 @@ def _normalise_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def _cascade_from_args(args: argparse.Namespace) -> tuple[list[int] | None, str, int]:
-    """(cascade_stages, cascade_mode, bits): --cascade-stages / --cascade-mode imply --cascade, and
-    --bits left out means the cascade's last width (an explicit --bits must agree with it)."""
-    stages = getattr(args, "cascade_stages", None)
-    mode = getattr(args, "cascade_mode", None)
-    if stages is None and (getattr(args, "cascade", False) or mode is not None):
-        stages = [8, 4]
-    bits = args.bits
-    if bits is None:
-        bits = stages[-1] if stages else QuantizationConfig().bits
-    return stages, mode or "sequential", bits
-
-
 def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
-    cascade_stages, cascade_mode, bits = _cascade_from_args(args)
-    chosen = {"sym": args.sym, "rotate": args.rotate, "method": args.method}
+    """The :class:`QuantizationConfig` the options describe: the preset's fields, then every option
+    given explicitly. ``--cascade`` alone means the default stages; the rest (``--bits`` left out is
+    the cascade's last width, an explicit one that contradicts the stages is refused) is the config's
+    own rule."""
+    stages = args.cascade_stages
+    if stages is None and args.cascade:
+        stages = list(DEFAULT_CASCADE_STAGES)
+    chosen = {"sym": args.sym, "rotate": args.rotate, "method": args.method, "bits": args.bits,
+              "cascade_mode": args.cascade_mode, "static_groups": args.static_groups, "clip": args.clip}
     return QuantizationConfig.from_preset(
-        getattr(args, "preset", "standard"),
+        args.preset,
         **{name: value for name, value in chosen.items() if value is not None},
-        bits=bits,
         group_size=args.group_size,
-        clip=args.clip,
         damp_percent=args.damp,
         block_size=args.block_size,
         true_sequential=args.true_sequential,
         desc_act=args.desc_act,
-        static_groups=args.static_groups,
         quantize_lm_head=args.quantize_lm_head,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
@@ -263,9 +357,24 @@ def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
         seed=args.seed,
         kernel_backend=args.kernel_backend,
         device=args.device,
-        cascade_stages=cascade_stages,
-        cascade_mode=cascade_mode,
+        cascade_stages=stages,
         checkpoint_dtype=args.dtype,
+    )
+
+
+def options_from_args(args: argparse.Namespace, demo: bool = False) -> RunOptions:
+    """The :class:`RunOptions` the options of ``quantize`` / ``demo`` describe (validated on construction)."""
+    return RunOptions(
+        model_name=args.model_name, output_dir=args.output_dir, config=config_from_args(args),
+        overwrite=args.overwrite, export_format=args.format, trust_remote_code=args.trust_remote_code,
+        calibration_data=args.calibration_data, eval_data=args.eval_data, self_evaluate=demo and not args.eval_data,
+        eval_seq_len=args.eval_seq_len, max_eval_windows=args.max_eval_windows,
+        gates=QualityGates(args.max_degradation, args.max_language_degradation),
+        fail_on_gate=not args.no_fail_on_gate, work_dir=args.work_dir, resume=args.resume,
+        keep_work_dir=args.keep_work_dir, stream_weights=args.stream_weights,
+        offload_activations=True if args.offload_activations else None, devices=args.devices,
+        report_json=args.report_json, optimize_for_edge=args.optimize_for_edge, edge_context=args.edge_context,
+        edge_batch=args.edge_batch, show_progress=not args.quiet,
     )
 
 
@@ -282,46 +391,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             UnsupportedModelError, ValueError, FileNotFoundError)
 
 
-def _evaluation_texts(source: str, languages: list[str]) -> dict[str, list[str]]:
-    from neural_quantization.calibration.sources import load_language_texts
-
-    return load_language_texts(source, languages, split="eval")
-
-
-def _write_reports(report: dict[str, Any], path: str | None, console: Any) -> None:
-    if not path:
-        return
-    from neural_quantization.reporting.report import plot_degradation, write_json, write_markdown
-
-    json_path = Path(path)
-    write_json(report, json_path)
-    chart = None
-    if report.get("languages"):
-        chart = plot_degradation(report, json_path.with_suffix(".png"))
-    write_markdown(report, json_path.with_suffix(".md"), chart=chart)
-    console.print(f"Report written to {json_path} (+ .md{', .png' if chart else ''})")
-
-
-def _check_positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} {value} must be positive.")
-
-
-def run_request(args: argparse.Namespace, config: QuantizationConfig, demo: bool) -> Any:
-    """The :class:`~neural_quantization.checks.RunRequest` the options of ``quantize`` / ``demo`` describe."""
-    from neural_quantization.checks import RunRequest
-
-    return RunRequest(
-        model_name=args.model_name, output_dir=args.output_dir, config=config, overwrite=args.overwrite,
-        calibration_data=args.calibration_data, eval_data=args.eval_data, eval_seq_len=args.eval_seq_len,
-        self_evaluate=demo and not args.eval_data, export_format=args.format, devices=args.devices,
-        work_dir=args.work_dir, resume=args.resume, stream_weights=args.stream_weights,
-        trust_remote_code=args.trust_remote_code,
-    )
-
-
 def _resume_command(argv: list[str]) -> str:
     import shlex
 
@@ -329,261 +398,54 @@ def _resume_command(argv: list[str]) -> str:
 
 
 def run_quantize(args: argparse.Namespace, demo: bool = False) -> int:
-    """``quantize`` / ``demo``: every check first (``checks.check_run``), then load, quantize, save, report.
+    """``quantize`` / ``demo``: :func:`neural_quantization.runner.run_quantization` with the options given.
 
-    Ctrl-C (or a failure) during the work leaves the work directory when it holds finished layers
-    (the message gives the ``--resume`` command) and removes it when it holds none.
+    Ctrl-C (or a failure) during the work keeps the finished layers in the work directory and says
+    how to continue (``--resume``); the runner removes a work directory with nothing to resume.
     """
-    import torch
-    from rich.console import Console
-
     from neural_quantization.checks import check_run
-    from neural_quantization.evaluation import QualityGates
-    from neural_quantization.export.directories import directory_bytes, remove_stale_staging
-    from neural_quantization.models.layer_storage import WorkDir
+    from neural_quantization.runner import finished_layers, run_checked
 
-    console = Console(stderr=False)
-    config = config_from_args(args)
-    gates = QualityGates(args.max_degradation, args.max_language_degradation)
-    _check_positive(args, "max_eval_windows", "edge_context", "edge_batch")
-    checked = check_run(run_request(args, config, demo))  # nothing loaded or written before this passes
-    for path, size in remove_stale_staging(checked.output_dir):
-        console.print(f"[yellow]note:[/yellow] removed {path}, left by an interrupted save ({size / 2**20:.1f} MiB).")
-    work_dir = checked.work_dir
-    if checked.finished_work_dir:
-        size = directory_bytes(work_dir)
-        shutil.rmtree(work_dir)
-        console.print(f"[yellow]note:[/yellow] removed {work_dir}, the work directory of a finished run "
-                      f"({size / 2**20:.1f} MiB).")
-    fresh_work_dir = work_dir is not None and not work_dir.exists()
-    torch.manual_seed(config.seed)
+    options = options_from_args(args, demo)
+    checked = check_run(options)  # a failing check leaves everything as it was: nothing to resume
     try:
-        return _quantize_checked(args, config, gates, checked, console, demo)
+        outcome = run_checked(options, checked)
     except BaseException as err:
-        finished = WorkDir.finished_in(work_dir) if work_dir is not None else []
-        if work_dir is not None and fresh_work_dir and not finished:
-            shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume: leave no trace
+        finished = finished_layers(options)
+        command = _resume_command(getattr(args, "argv", []))
         if isinstance(err, KeyboardInterrupt):
             if finished:
-                print(f"neural-quantize: interrupted. {len(finished)} finished layers are kept in {work_dir}; "
-                      f"continue with:\n    {_resume_command(getattr(args, 'argv', []))}", file=sys.stderr)
+                print(f"neural-quantize: interrupted. {len(finished)} finished layers are kept in "
+                      f"{options.work_path}; continue with:\n    {command}", file=sys.stderr)
             else:
                 print("neural-quantize: interrupted before any layer finished; nothing was written.", file=sys.stderr)
             return EXIT_INTERRUPTED
         if finished:
-            print(f"note: {len(finished)} finished layers are kept in {work_dir}; after fixing the problem below, "
-                  f"continue with: {_resume_command(getattr(args, 'argv', []))}", file=sys.stderr)
+            print(f"note: {len(finished)} finished layers are kept in {options.work_path}; after fixing the problem "
+                  f"below, continue with: {command}", file=sys.stderr)
         raise
+    return _gate_exit(outcome.gates_passed, options.fail_on_gate)
 
 
-def _quantize_checked(args: argparse.Namespace, config: QuantizationConfig, gates: Any, checked: Any, console: Any,
-                      demo: bool) -> int:
-    from neural_quantization.calibration.self_generated import generate_calibration_texts
-    from neural_quantization.evaluation import all_passed, compare_languages, evaluate_gates, reference_languages
-    from neural_quantization.nn.modules import find_decoder_layers
-    from neural_quantization.models.layer_storage import WorkDir
-    from neural_quantization.models.loading import load_model
-    from neural_quantization.quantizer import Quantizer
-    from neural_quantization.reporting.progress import layer_progress
-    from neural_quantization.reporting.report import build_report
-    from neural_quantization.reporting.terminal import render_languages, render_summary
-
-    work_dir = str(checked.work_dir) if checked.work_dir is not None else None
-    console.print(f"Loading {args.model_name}{' (decoder layers stream from disk)' if args.stream_weights else ''} ...")
-    loaded = load_model(args.model_name, dtype=args.dtype, stream_weights=args.stream_weights,
-                        trust_remote_code=args.trust_remote_code)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    _print_preflight(model, config, args, console)
-
-    references, evaluation = None, None
-    if args.eval_data or demo:
-        if args.eval_data:
-            eval_texts = _evaluation_texts(args.eval_data, config.target_languages)
-            evaluation = {"data": str(args.eval_data)}
-        else:
-            # The demo machine may have no text at all: evaluate on held-out text the reference
-            # model writes with another seed (never the calibration text).
-            console.print("No --eval-data: the model writes held-out evaluation text (seed + 1) ...")
-            eval_texts = generate_calibration_texts(
-                model, tokenizer, config.target_languages, len(config.target_languages),
-                args.eval_seq_len, config.seed + 1,
-            )
-            evaluation = {"data": "self-generated by the reference model (held out, seed + 1)"}
-        references = reference_languages(
-            model, tokenizer, eval_texts, seq_len=args.eval_seq_len,
-            max_windows_per_language=args.max_eval_windows, show_progress=not args.quiet,
-        )
-        evaluation.update({"reference_model": loaded.source, "seq_len": args.eval_seq_len})
-
-    calibration_data = args.calibration_data
-    n_layers = len(find_decoder_layers(model)[1])
-    if config.cascade_stages and config.cascade_mode == "sequential":
-        n_layers *= len(config.cascade_stages)  # the pipeline runs once per stage
-    with layer_progress(n_layers, "Quantizing", enabled=not args.quiet) as bar:
-        quantized, results = Quantizer(config).quantize_model(
-            loaded, calibration_data, tokenizer=tokenizer, model_name=loaded.source,
-            on_layer_done=lambda i, n: bar.advance(), work_dir=work_dir, resume=args.resume,
-            stream_weights=args.stream_weights, offload_activations=args.offload_activations, devices=args.devices,
-        )
-    path = save_in_format(quantized, tokenizer, loaded, args, console)
-    if work_dir is not None and not args.keep_work_dir:
-        shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is complete; nothing left to resume
-    elif work_dir is not None:
-        WorkDir.mark_finished(work_dir, path)  # kept, but the next run into the same place need not resume it
-
-    language_results = {}
-    if references is not None:
-        language_results = compare_languages(quantized, references, show_progress=not args.quiet)
-    stages = _cascade_stage_results(quantized, results, references, language_results, args)
-    report = build_report(
-        model=loaded.source, config=config, quantization=results, language_results=language_results,
-        gates=gates, evaluation=evaluation, device=results.device,
-        extra={"output_dir": str(path), **({"stages": stages} if stages else {})},
-    )
-    render_summary(report, console)
-    if language_results:
-        render_languages(report, console)
-    for warning in results.warnings:
-        console.print(f"[yellow]note:[/yellow] {warning}")
-    _write_reports(report, args.report_json, console)
-    if getattr(args, "optimize_for_edge", False):
-        from neural_quantization.deploy.memory import memory_report
-        from neural_quantization.deploy.render import render_memory_report
-
-        render_memory_report(memory_report(path, context=args.edge_context, batch=args.edge_batch), console)
-    if language_results and not all_passed(evaluate_gates(language_results, gates)) and not args.no_fail_on_gate:
-        console.print("[red]A quality gate failed[/red] (exit 3; --no-fail-on-gate to ignore).")
-        return EXIT_GATE_FAILED
-    return 0
-
-
-def _cascade_stage_results(quantized, results, references, language_results, args) -> list[dict[str, Any]]:
-    """The cascade's stages, with each stage's average degradation where it was evaluated.
-
-    The returned model holds the last stage (sequential) or the stored wide read (nested), whose
-    evaluation already ran; a nested run also evaluates its narrow read (a narrowed copy).
-    """
-    import copy
-
-    from neural_quantization.evaluation import compare_languages
-
-    stages = [dict(stage) for stage in results.stages]
-    if not stages or references is None:
-        return stages
-
-    def average(per_language: dict) -> float:
-        values = [r.degradation_pct for r in per_language.values()]
-        return sum(values) / len(values)
-
-    stored = stages[-1]
-    stored["degradation_pct"] = average(language_results)
-    if stored["mode"] == "nested":
-        from neural_quantization.models.cascade import narrow_model
-
-        narrow = copy.deepcopy(quantized)
-        narrow_model(narrow, stages[0]["bits"])
-        stages[0]["degradation_pct"] = average(compare_languages(narrow, references, show_progress=not args.quiet))
-        del narrow
-    return stages
+def _gate_exit(passed: bool, fail_on_gate: bool) -> int:
+    if passed or not fail_on_gate:
+        return 0
+    print("A quality gate failed (exit 3; --no-fail-on-gate to ignore).")
+    return EXIT_GATE_FAILED
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """``eval``: check the checkpoint and the data first, then evaluate it against its base model per
-    language (the quantized model runs in the reference's dtype, so only quantization differs)."""
-    from rich.console import Console
+    """``eval``: :func:`neural_quantization.runner.run_evaluation` with the options given."""
+    from neural_quantization.runner import run_evaluation
 
-    from neural_quantization.checks import check_devices
-    from neural_quantization.evaluation import QualityGates, all_passed, evaluate_gates, evaluate_languages
-    from neural_quantization.export.checkpoint import load_quantized, validate_checkpoint
-    from neural_quantization.models.loading import load_model, resolve_model
-    from neural_quantization.reporting.report import build_report
-    from neural_quantization.reporting.terminal import render_languages, render_summary
-
-    console = Console()
-    if not args.eval_data:
-        raise ValueError("eval needs --eval-data DIR (a directory of {lang}.eval.txt or {lang}.txt files).")
-    gates = QualityGates(args.max_degradation, args.max_language_degradation)
-    _check_positive(args, "max_eval_windows")
-    if args.eval_seq_len < 2:
-        raise ValueError(f"--eval-seq-len {args.eval_seq_len} must be at least 2 (512 is usual).")
-    check_devices(args.device)
-    quant = validate_checkpoint(args.model).quantization_config  # a broken checkpoint fails before any work
-    record = quant.get("neural_quantization", {})
-    baseline = args.baseline or record.get("base_model")
-    if not baseline:
-        raise ValueError(f"{args.model} records no base model; pass --baseline MODEL.")
-    resolve_model(baseline)
-    texts = _evaluation_texts(args.eval_data, args.target_languages)  # read (and checked) before the model loads
-    reference = load_model(baseline, trust_remote_code=args.trust_remote_code)
-    reference_dtype = next(reference.model.parameters()).dtype
-    device = None if args.device == "auto" else args.device
-    results = evaluate_languages(
-        reference.model, lambda: load_quantized(args.model, dtype=reference_dtype), reference.tokenizer, texts,
-        seq_len=args.eval_seq_len, max_windows_per_language=args.max_eval_windows,
-        device=device, show_progress=not args.quiet,
+    options = EvalOptions(
+        model=args.model, eval_data=args.eval_data, baseline=args.baseline, target_languages=args.target_languages,
+        device=args.device, trust_remote_code=args.trust_remote_code, eval_seq_len=args.eval_seq_len,
+        max_eval_windows=args.max_eval_windows,
+        gates=QualityGates(args.max_degradation, args.max_language_degradation), fail_on_gate=not args.no_fail_on_gate,
+        report_json=args.report_json, show_progress=not args.quiet,
     )
-    report = build_report(
-        model=str(args.model), config=record.get("config"), language_results=results, gates=gates,
-        evaluation={"data": str(args.eval_data), "reference_model": baseline, "seq_len": args.eval_seq_len},
-    )
-    render_summary(report, console)
-    render_languages(report, console)
-    _write_reports(report, args.report_json, console)
-    if not all_passed(evaluate_gates(results, gates)) and not args.no_fail_on_gate:
-        console.print("[red]A quality gate failed[/red] (exit 3; --no-fail-on-gate to ignore).")
-        return EXIT_GATE_FAILED
-    return 0
-
-
-def _print_preflight(model: Any, config: QuantizationConfig, args: argparse.Namespace, console: Any) -> None:
-    """Print the memory and time the run will need, and whether it fits this machine."""
-    from neural_quantization.models.preflight import estimate_run, format_estimate
-    from neural_quantization.quantizer import resolve_device
-
-    device = resolve_device(config.device)
-    estimate = estimate_run(
-        model, config, config.num_samples, config.seq_len, device,
-        stream_weights=args.stream_weights, activations_on_host=args.offload_activations,
-    )
-    console.print(format_estimate(estimate))
-    if not estimate.fits and not args.offload_activations and device.type == "cuda":
-        offloaded = estimate_run(model, config, config.num_samples, config.seq_len, device,
-                                 stream_weights=args.stream_weights, activations_on_host=True)
-        if offloaded.fits:
-            args.offload_activations = True
-            console.print("The calibration activations will wait in host memory between layers "
-                          "(--offload-activations, chosen because the run does not fit the GPU otherwise).")
-
-
-def save_in_format(quantized: Any, tokenizer: Any, loaded: Any, args: argparse.Namespace, console: Any) -> Path:
-    """Write the output directory (atomically) in ``--format``; return its path.
-
-    gptq: our checkpoint. compressed-tensors: the pack-quantized checkpoint (what vLLM serves).
-    gguf: our checkpoint plus ``<dir name>-Q4_0.gguf`` (or Q8_0) inside it, renamed into place together.
-    """
-    fmt = getattr(args, "format", "gptq")
-    if fmt == "compressed-tensors":
-        from neural_quantization.export.compressed_tensors import export_compressed_tensors
-
-        path = export_compressed_tensors(quantized, args.output_dir, tokenizer=tokenizer, overwrite=args.overwrite)
-        console.print(f"compressed-tensors checkpoint written to {path}")
-        return path
-    if fmt == "gguf":
-        from neural_quantization.export.gguf import save_checkpoint_with_gguf
-
-        resolved = getattr(loaded, "resolved", None)
-        source = (Path(resolved.path) / resolved.gguf_file) if resolved is not None and resolved.gguf_file else None
-        path, report = save_checkpoint_with_gguf(quantized, args.output_dir, tokenizer=tokenizer,
-                                                 overwrite=args.overwrite, source_gguf=source)
-        console.print(f"Checkpoint written to {path}; GGUF {report.gguf_type} for llama.cpp: {report.path} "
-                      f"({report.file_bytes / 2**20:.1f} MiB, metadata {report.metadata_source})")
-        if report.clamped_codes:
-            console.print(f"[yellow]note:[/yellow] Q8_0 holds codes -127..127: {report.clamped_codes} codes "
-                          f"({report.clamped_fraction:.2%}) at -128 were written as -127 (one step each).")
-        return path
-    path = quantized.save_pretrained(args.output_dir, overwrite=args.overwrite)
-    console.print(f"Checkpoint written to {path}")
-    return path
+    return _gate_exit(run_evaluation(options).gates_passed, options.fail_on_gate)
 
 
 def run_deploy_report(args: argparse.Namespace) -> int:
@@ -625,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["bench"]:
             return run_bench(argv[1:])
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
         args.argv = argv
         if args.command is None:
             parser.print_help()

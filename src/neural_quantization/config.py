@@ -1,18 +1,28 @@
 """Validated configuration for a quantization run.
 
-One dataclass, :class:`QuantizationConfig`, describes everything that decides the numbers a run
-produces: the grid (bits, group size, symmetry), the solver (GPTQ or RTN, damping, act-order) and
+Two dataclasses, both validated when built. :class:`QuantizationConfig` describes everything that
+decides the numbers a run produces: the grid (bits, group size, symmetry), the solver (GPTQ or RTN, damping, act-order) and
 the calibration (languages, samples, tokens per sample, seed). It is validated when constructed, so
 a bad combination fails before any model is loaded, with a message that says how to fix it.
 
-``to_dict`` / ``from_dict`` round-trip it through JSON (the checkpoint records it); unknown keys
+:class:`RunOptions` describes a whole run around it (the model, the checkpoint's directory and
+format, evaluation and gates, work directory, streaming): the CLI's ``quantize`` options are
+parsed into one, and Python users build one for :func:`neural_quantization.runner.run_quantization`.
+Every rule about combining options lives here, so the CLI and Python refuse the same things with
+the same message; the checks that need the machine (devices, directories, data, the model's config)
+are in ``checks.py``.
+
+``QuantizationConfig.to_dict`` / ``from_dict`` round-trip it through JSON (the checkpoint records it); unknown keys
 are rejected rather than silently ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -21,6 +31,9 @@ KERNEL_BACKENDS = ("auto", "torch", "triton", "marlin")
 CASCADE_MODES = ("sequential", "nested")
 CLIP_SEARCHES = ("minmax", "mse", "hessian")
 CHECKPOINT_DTYPES = ("float16", "bfloat16", "float32")
+EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf")
+DEFAULT_BITS = 4
+DEFAULT_CASCADE_STAGES = (8, 4)  # what --cascade alone means
 DEFAULT_LANGUAGES = ("en", "es", "fr", "de", "zh", "ja", "ar", "hi", "pt", "ru", "ko", "it", "tr", "nl", "pl")
 
 
@@ -87,7 +100,9 @@ class QuantizationConfig:
     """How to quantize a model.
 
     Grid
-        bits: width of the integer codes, one of 2, 3, 4, 8.
+        bits: width of the integer codes, one of 2, 3, 4, 8. None (the default): 4, or the last
+            (narrowest) width of ``cascade_stages``. An explicit value is kept as given: one that
+            contradicts ``cascade_stages`` is refused, never rewritten.
         group_size: input columns that share one scale/zero; -1 means one per output row
             ("per channel"). Where it does not divide a layer's input size the last group is shorter.
         sym: symmetric grid (zero fixed at 2**(bits-1)) or asymmetric (zero chosen per group).
@@ -130,8 +145,8 @@ class QuantizationConfig:
     Runtime
         kernel_backend: "auto", "torch" (reference), "triton", or "marlin" (a deployment profile).
         device: where each decoder layer is solved ("auto" = CUDA if present, else CPU).
-        cascade_stages: e.g. [8, 4] for the cascade mode; None for direct quantization. ``bits``
-            must equal the last (narrowest) stage.
+        cascade_stages: e.g. [8, 4] for the cascade mode (:data:`DEFAULT_CASCADE_STAGES`); None for
+            direct quantization. ``bits`` must equal the last (narrowest) stage.
         checkpoint_dtype: the dtype of the tensors left unquantized (embeddings, norms, biases,
             ``lm_head``) in the returned model and its checkpoint, and the one loaders run it in:
             "float16", "bfloat16" or "float32". None: the model's own dtype when it is 16-bit, else
@@ -141,11 +156,12 @@ class QuantizationConfig:
             previous stage's model and recalibrating through it) or "nested" (exactly two stages
             [wide, narrow]: one checkpoint stored at the wide width whose codes' high
             ``wide - narrow`` bits are the narrow codes, readable at either width; see
-            ``core/cascade.py``). Nested needs method "gptq" and supports neither static_groups
+            ``core/cascade.py``). None (the default): "sequential" where ``cascade_stages`` is set;
+            naming a mode without stages means :data:`DEFAULT_CASCADE_STAGES`. Nested needs method "gptq" and supports neither static_groups
             nor quantize_lm_head.
     """
 
-    bits: int = 4
+    bits: int | None = None
     group_size: int = 128
     sym: bool = True
     clip: str | None = None
@@ -165,10 +181,16 @@ class QuantizationConfig:
     kernel_backend: str = "auto"
     device: str = "auto"
     cascade_stages: list[int] | None = None
-    cascade_mode: str = "sequential"
+    cascade_mode: str | None = None
     checkpoint_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        if self.cascade_mode is None:
+            self.cascade_mode = "sequential"
+        elif self.cascade_stages is None:  # a cascade mode named alone means the default stages
+            self.cascade_stages = list(DEFAULT_CASCADE_STAGES)
+        if self.bits is None:
+            self.bits = self.cascade_stages[-1] if self.cascade_stages else DEFAULT_BITS
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS} (e.g. --bits 4).")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
@@ -218,8 +240,9 @@ class QuantizationConfig:
             self.cascade_stages = stages
             if self.bits != stages[-1]:
                 raise ConfigError(
-                    f"bits={self.bits} but cascade_stages={stages} ends at {stages[-1]} bits; set bits={stages[-1]} "
-                    "(the width of the final model) or change the stages."
+                    f"bits={self.bits} but cascade_stages={stages} ends at {stages[-1]} bits: the last stage is the "
+                    f"width of the final model. Leave bits out (or set bits={stages[-1]}), or end the stages at "
+                    f"{self.bits}."
                 )
         if self.checkpoint_dtype is not None:
             self.checkpoint_dtype = str(self.checkpoint_dtype).removeprefix("torch.")
@@ -258,6 +281,8 @@ class QuantizationConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         if "mse_clip" in data and "clip" not in data:  # records written before the clip search had a name
             data = {**{k: v for k, v in data.items() if k != "mse_clip"}, "clip": "mse" if data["mse_clip"] else "minmax"}
+        if data.get("cascade_stages") is None:  # a direct run's record names the mode's default
+            data = {**data, "cascade_mode": None}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown QuantizationConfig keys {unknown}; known keys are {sorted(known)}.")
@@ -265,8 +290,180 @@ class QuantizationConfig:
 
     def replace(self, **changes: Any) -> QuantizationConfig:
         merged = {**self.to_dict(), **changes}
+        if merged["cascade_stages"] is None and "cascade_mode" not in changes:
+            changes = {**changes, "cascade_mode": None}  # no cascade: the mode is not a choice
         if "static_groups" not in changes and merged["cascade_mode"] == "nested" and merged["cascade_stages"]:
             changes = {**changes, "static_groups": None}  # the default again: off for the nested cascade
+        if "bits" not in changes and self.bits == (self.cascade_stages[-1] if self.cascade_stages else DEFAULT_BITS):
+            changes = {**changes, "bits": None}  # a defaulted width follows new cascade stages
         if "clip" not in changes and self.clip == default_clip(self.method, self.cascade_mode, self.cascade_stages):
             changes = {**changes, "clip": None}  # a defaulted clip follows the new method
         return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class QualityGates:
+    """Limits on perplexity degradation, in percent (``reporting/gates.py`` evaluates them).
+
+    max_degradation: limit on the average degradation over languages (``--max-degradation``).
+    max_language_degradation: limit on each language's degradation (``--max-language-degradation``).
+    """
+
+    max_degradation: float = 2.0
+    max_language_degradation: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_degradation", "max_language_degradation"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(
+                    f"{name}={value!r} must be a finite number of percent >= 0, e.g. {flag} 3.0."
+                )
+            setattr(self, name, float(value))
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def check_storage_options(config: QuantizationConfig, work_dir: Any, resume: bool, stream_weights: bool) -> None:
+    """Combinations of a run's storage options (work directory, resume, streamed weights) with its
+    quantization options that cannot work; raises :class:`ConfigError` with the fix."""
+    if config.cascade_stages and (work_dir is not None or resume or stream_weights):
+        raise ConfigError("cascade runs cannot use a work directory, --resume or --stream-weights yet; drop --cascade "
+                          "or run without --work-dir/--resume/--stream-weights.")
+    if config.rotate and stream_weights:
+        raise ConfigError("--rotate changes every weight of the model before the first layer is solved, so it needs the "
+                          "model in memory; drop --stream-weights (or --rotate).")
+    if resume and work_dir is None:
+        raise ConfigError("--resume (resume=True) needs the work directory of the interrupted run: --work-dir DIR (work_dir=DIR).")
+
+
+@dataclass
+class RunOptions:
+    """One quantization run, end to end: load ``model_name``, quantize it with ``config``, save the
+    checkpoint in ``export_format`` to ``output_dir``, evaluate it and report.
+
+    Model and output
+        model_name: alias (``smollm2-135m``), local directory, ``.gguf`` file or Hugging Face id.
+        output_dir: a new or empty directory, or (with ``overwrite``) one holding a checkpoint of ours.
+        export_format: "gptq", "compressed-tensors" or "gguf" (:data:`EXPORT_FORMATS`).
+        trust_remote_code: run the model's own Python code (off: never run code you have not read).
+    Calibration and evaluation
+        calibration_data: as :meth:`Quantizer.quantize_model` takes it; None: the model writes its own.
+        eval_data: directory of ``{lang}.eval.txt`` / ``{lang}.txt``: evaluate right after quantizing.
+        self_evaluate: without ``eval_data``, evaluate on held-out text the model writes (the demo).
+        eval_seq_len, max_eval_windows: tokens per evaluation window; cap on windows per language.
+        gates: the quality gates (:class:`QualityGates`, % perplexity increase on average and in the
+            worst language); ``fail_on_gate``: a failed gate makes the run fail (exit 3).
+    Storage
+        work_dir: where finished layers are written as they are produced (default
+            ``OUTPUT_DIR.work``; cascades use none); ``resume`` continues an interrupted run from it;
+            ``keep_work_dir`` keeps it after the checkpoint is saved.
+        stream_weights: read the decoder layers from the safetensors checkpoint one at a time.
+        offload_activations: keep calibration activations in host memory between layers; None (the
+            default): only when the pre-flight estimate says the run does not fit the GPU otherwise.
+        devices: devices sharing the work (default: every visible GPU for device auto/cuda).
+    Output
+        report_json: write the JSON report there (and .md, .png beside it).
+        optimize_for_edge, edge_context, edge_batch: print the memory needed on edge devices.
+        show_progress: progress bars.
+    """
+
+    model_name: str
+    output_dir: str | os.PathLike
+    config: QuantizationConfig = field(default_factory=QuantizationConfig)
+    overwrite: bool = False
+    export_format: str = "gptq"
+    trust_remote_code: bool = False
+    calibration_data: Any = None
+    eval_data: str | os.PathLike | None = None
+    self_evaluate: bool = False
+    eval_seq_len: int = 512
+    max_eval_windows: int | None = None
+    gates: QualityGates = field(default_factory=QualityGates)
+    fail_on_gate: bool = True
+    work_dir: str | os.PathLike | None = None
+    resume: bool = False
+    keep_work_dir: bool = False
+    stream_weights: bool = False
+    offload_activations: bool | None = None
+    devices: list[str] | None = None
+    report_json: str | os.PathLike | None = None
+    optimize_for_edge: bool = False
+    edge_context: int = 4096
+    edge_batch: int = 1
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        config = self.config
+        if not isinstance(config, QuantizationConfig):
+            raise ConfigError(f"config must be a QuantizationConfig, not {type(config).__name__}.")
+        fmt = self.export_format
+        if fmt not in EXPORT_FORMATS:
+            raise ConfigError(f"--format {fmt!r} is unknown; use one of {', '.join(EXPORT_FORMATS)}.")
+        if fmt != "gptq" and config.cascade_stages and config.cascade_mode == "nested":
+            raise ConfigError(f"--format {fmt} cannot hold a nested cascade (two widths in one set of codes); "
+                              "use --format gptq or --cascade-mode sequential.")
+        if self.eval_seq_len < 2:
+            raise ConfigError(f"--eval-seq-len {self.eval_seq_len} must be at least 2 (512 is usual).")
+        for name in ("max_eval_windows", "edge_context", "edge_batch"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {value} must be positive.")
+        if self.stream_weights and (self.eval_data or self.self_evaluate or fmt != "gptq"):
+            raise ConfigError("--stream-weights writes a --format gptq checkpoint without evaluating it (the float "
+                              "model is never in memory); evaluate it afterwards with `neural-quantize eval`.")
+        check_storage_options(config, self.work_path, self.resume, self.stream_weights)
+        work = self.work_path
+        if work is not None and work.resolve() == Path(self.output_dir).expanduser().resolve():
+            raise ConfigError("--work-dir must differ from --output-dir (the checkpoint replaces its directory).")
+
+    @property
+    def work_path(self) -> Path | None:
+        """The run's work directory: ``work_dir``, else ``OUTPUT_DIR.work``; None for cascade runs."""
+        if self.config.cascade_stages and self.work_dir is None:
+            return None
+        return Path(self.work_dir or f"{str(self.output_dir).rstrip('/')}.work").expanduser()
+
+    @property
+    def evaluates(self) -> bool:
+        return self.eval_data is not None or self.self_evaluate
+
+
+@dataclass
+class EvalOptions:
+    """``neural-quantize eval``: a quantized checkpoint measured against its base model per language.
+
+    model: the checkpoint directory. eval_data: directory of ``{lang}.eval.txt`` / ``{lang}.txt``
+    (required). baseline: the reference model (default: the base model the checkpoint records).
+    The remaining fields mean what they mean in :class:`RunOptions`.
+    """
+
+    model: str | os.PathLike
+    eval_data: str | os.PathLike | None
+    baseline: str | None = None
+    target_languages: list[str] = field(default_factory=lambda: list(DEFAULT_LANGUAGES))
+    device: str = "auto"
+    trust_remote_code: bool = False
+    eval_seq_len: int = 512
+    max_eval_windows: int | None = None
+    gates: QualityGates = field(default_factory=QualityGates)
+    fail_on_gate: bool = True
+    report_json: str | os.PathLike | None = None
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.eval_data:
+            raise ConfigError("eval needs --eval-data DIR (a directory of {lang}.eval.txt or {lang}.txt files).")
+        if self.eval_seq_len < 2:
+            raise ConfigError(f"--eval-seq-len {self.eval_seq_len} must be at least 2 (512 is usual).")
+        if self.max_eval_windows is not None and self.max_eval_windows <= 0:
+            raise ConfigError(f"--max-eval-windows {self.max_eval_windows} must be positive.")
+        if not self.target_languages:
+            raise ConfigError("--target-languages is empty; name at least one language, e.g. en.")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from neural_quantization._version import __version__
-from neural_quantization.config import QuantizationConfig
+from neural_quantization.config import QuantizationConfig, check_storage_options
 from neural_quantization.export.checkpoint import (
     attach_save_pretrained,
     gptq_quantization_config,
@@ -25,7 +25,7 @@ from neural_quantization.export.checkpoint import (
     stored_bytes,
     unique_state_items,
 )
-from neural_quantization.nn.modules import find_decoder_layers
+from neural_quantization.nn.modules import find_decoder_layers, resolve_device
 from neural_quantization.models.layer_storage import LayerStorage, WorkDir, tensor_fingerprint
 from neural_quantization.models.sequential import quantize_decoder_layers
 from neural_quantization.nn.qlinear import QuantLinear
@@ -73,14 +73,6 @@ class QuantizationResults:
     def mean_layer_loss(self) -> float | None:
         losses = [layer["loss"] for layer in self.layers if layer["loss"] is not None]
         return sum(losses) / len(losses) if losses else None
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for but no CUDA device is visible; use --device cpu.")
-    return torch.device(device)
 
 
 def resolve_devices(device: torch.device, devices: list[str] | None) -> list[torch.device]:
@@ -201,16 +193,10 @@ class Quantizer:
         config = self.config
         if target_languages is not None:
             config = config.replace(target_languages=list(target_languages))
-        if (work_dir is not None or stream_weights) and config.cascade_stages:
-            from neural_quantization.config import ConfigError
-
-            raise ConfigError("cascade runs cannot use a work directory or streamed weights yet; drop --cascade "
-                              "or run without --work-dir/--stream-weights.")
+        check_storage_options(config, work_dir, resume, stream_weights)
         from neural_quantization.checks import check_devices
 
         check_devices(config.device, devices)  # a missing GPU fails here, not inside the pipeline
-        if resume and work_dir is None:
-            raise ValueError("resume=True needs the work_dir of the interrupted run (--work-dir DIR).")
         from neural_quantization.models.loading import LoadedModel, load_model
 
         if isinstance(model, (str, os.PathLike)):
@@ -223,6 +209,7 @@ class Quantizer:
         if stream_weights and weights is None:
             raise ValueError("stream_weights needs the model's name or directory (or a LoadedModel from "
                              "load_model(..., stream_weights=True)), not a model already in memory.")
+        check_storage_options(config, work_dir, resume, stream_weights=weights is not None)  # a streamed LoadedModel
         model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         device = resolve_device(config.device)
         model.eval()
@@ -234,10 +221,6 @@ class Quantizer:
         start = time.perf_counter()
         rotation = None
         if config.rotate:
-            if weights is not None:
-                from neural_quantization.config import ConfigError
-
-                raise ConfigError("rotate needs the model in memory; drop stream_weights (--stream-weights) or rotate.")
             from neural_quantization.models.rotation import rotate_residual_stream
 
             rotation = rotate_residual_stream(model, seed=config.seed, device=device).to_dict()

@@ -26,6 +26,7 @@ import torch
 from neural_quantization.calibration.sampling import CalibrationSet, sample_calibration, samples_per_language
 from neural_quantization.calibration.sources import CalibrationDataError
 from neural_quantization.config import DEFAULT_LANGUAGES
+from neural_quantization.nn.modules import module_device
 
 __all__ = ["PROMPTS", "NucleusSampler", "check_prompts", "generate_calibration_texts", "self_generated_calibration"]
 
@@ -98,13 +99,6 @@ PROMPTS: dict[str, tuple[str, ...]] = {
     ),
 }
 assert set(PROMPTS) == set(DEFAULT_LANGUAGES)
-
-
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _model_dtype(model: Any) -> torch.dtype:
@@ -234,7 +228,7 @@ def generate_calibration_texts(
         raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     counts = samples_per_language(num_samples, langs)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else module_device(model)
 
     jobs: list[tuple[str, list[int]]] = []  # (language, prompt token ids), in a fixed order
     for lang in langs:

@@ -166,7 +166,7 @@ def sequential_cascade(
         start = time.perf_counter()
         if index:
             dequantize_model_linears(model)
-        stage_config = config.replace(bits=bits, cascade_stages=None, cascade_mode="sequential")
+        stage_config = config.replace(bits=bits, cascade_stages=None)  # one direct run per stage
         reports = quantize_decoder_layers(model, input_ids, stage_config, device, on_layer_done)
         seconds = time.perf_counter() - start
         layers = quantized_linears(model)

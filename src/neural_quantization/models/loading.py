@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from neural_quantization.nn.modules import resolve_device
+
 __all__ = [
     "MODEL_ALIASES",
     "LoadedModel",
@@ -446,15 +448,6 @@ def _parse_dtype(dtype: str | torch.dtype | None, for_gguf: bool, device: torch.
     return _DTYPES[key]
 
 
-def _parse_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} was requested but CUDA is not available; use device='cpu'.")
-    return dev
-
-
 def _ensure_pad_token(tokenizer: Any) -> None:
     if tokenizer.pad_token is not None:
         return
@@ -492,7 +485,7 @@ def load_model(
     resolved = resolve_model(name_or_path)
     if stream_weights:
         return _load_streamed(resolved, dtype, trust_remote_code)
-    dev = _parse_device(device)
+    dev = resolve_device(device)
     torch_dtype = _parse_dtype(dtype, for_gguf=resolved.gguf_file is not None, device=dev)
     kwargs = resolved.pretrained_kwargs()
     if trust_remote_code:

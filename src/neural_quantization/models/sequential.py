@@ -44,6 +44,7 @@ from neural_quantization.nn.modules import (
     find_decoder_layers,
     find_linear_layers,
     group_by_shared_input,
+    module_device,
     move_all_but,
     set_submodule,
     untie_output_embeddings,
@@ -169,7 +170,7 @@ def linear_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch
     Linears that never run (e.g. unused experts) are appended as a last group.
     """
     groups = group_by_shared_input(
-        linears, lambda: block(hidden[:1].to(_device_of(block)), **_slice_batch(kwargs, hidden.shape[0]))
+        linears, lambda: block(hidden[:1].to(module_device(block)), **_slice_batch(kwargs, hidden.shape[0]))
     )
     seen = {name for group in groups for name in group}
     unused = [n for n in linears if n not in seen]
@@ -230,7 +231,7 @@ def collect_hessians(
         for r, block in enumerate(replicas)
         for name in hooked
     ]
-    devices = [_device_of(block) for block in replicas]
+    devices = [module_device(block) for block in replicas]
     try:
         for batch, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
             r = inputs.replica_of(batch)
@@ -305,17 +306,13 @@ def run_block(
     """The block's output for every calibration batch, computed by the batch's replica and kept
     on ``activations_device`` (default: that replica's device)."""
     replicas = blocks if isinstance(blocks, list) else [blocks]
-    devices = [_device_of(block) for block in replicas]
+    devices = [module_device(block) for block in replicas]
     outputs = []
     for batch, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
         r = inputs.replica_of(batch)
         out = _layer_output(replicas[r](hidden.to(devices[r]), **kwargs))
         outputs.append(out if activations_device is None else out.to(activations_device))
     return outputs
-
-
-def _device_of(block: nn.Module) -> torch.device:
-    return next(block.parameters()).device
 
 
 # A solver for one linear layer: (name, linear, Hessian or None, config) ->
@@ -447,7 +444,7 @@ def quantize_block(
     solved layers then replace the originals in every replica, and the kept ones end up in
     ``block`` on the first device.
     """
-    devices = devices or [_device_of(block)]
+    devices = devices or [module_device(block)]
     replicas = replicate(block, devices)
     linears = find_linear_layers(block)
     if config.true_sequential:
@@ -461,7 +458,7 @@ def quantize_block(
         solved = _solve_group(prefix, group, replicas, hessians, config, solve)
         for name, (used, kept[name], linear_reports) in zip(group, solved):
             for replica in replicas:
-                set_submodule(replica, name, _on_device(used, _device_of(replica)))
+                set_submodule(replica, name, _on_device(used, module_device(replica)))
             reports.extend(linear_reports)
         del hessians
     outputs = run_block(replicas, inputs, activations_device)
@@ -489,7 +486,7 @@ def _solve_group(
 
     def solve_on(j: int, name: str) -> tuple[nn.Module, nn.Module, list[LinearReport]]:
         replica = replicas[j % len(replicas)]
-        device = _device_of(replica)
+        device = module_device(replica)
         hessian = hessians[name].to(device) if hessians[name] is not None else None
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             return solve(prefix + name, replica.get_submodule(name), hessian, config)
@@ -497,7 +494,7 @@ def _solve_group(
     if len(replicas) == 1 or len(group) == 1 or solve is not solve_linear:
         return [solve(prefix + name, replicas[0].get_submodule(name), hessians[name], config) for name in group]
     for replica in replicas:
-        _warm_up_solver(_device_of(replica), config)
+        _warm_up_solver(module_device(replica), config)
     with ThreadPoolExecutor(max_workers=len(replicas)) as pool:
         return list(pool.map(solve_on, range(len(group)), group))
 
@@ -548,7 +545,7 @@ def replay_block(
     for name, qlinear in quantized.items():
         set_submodule(block, name, dequantized_linear(qlinear, dtype))
     try:
-        return run_block(replicate(block, devices or [_device_of(block)]), inputs, activations_device)
+        return run_block(replicate(block, devices or [module_device(block)]), inputs, activations_device)
     finally:
         for name, qlinear in quantized.items():
             set_submodule(block, name, qlinear)

@@ -1,4 +1,5 @@
-"""Find a causal LM's decoder layers and the linear layers inside them, for any architecture.
+"""Generic module helpers: find a causal LM's decoder layers and their linears (any architecture),
+replace submodules, and say which device a name or a module means (the one device resolver).
 
 Model knowledge is data, not code: the decoder blocks are the ``nn.ModuleList`` whose children are
 of a class named in the model's ``_no_split_modules`` (what transformers itself uses to shard
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -117,3 +119,27 @@ def move_all_but(model: nn.Module, keep: nn.Module, device) -> None:
             module._buffers[name] = buf.to(device) if buf is not None else None
 
     visit(model)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device a name means: "auto" is the GPU where one is visible, else the CPU. A CUDA device
+    asked for on a machine without one raises ``ValueError`` with the fix."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} was asked for but no CUDA device is visible; use --device cpu.")
+    return dev
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its input embeddings' device for a language model (inputs go there
+    when accelerate spread the model), else its first parameter's, else the CPU."""
+    try:
+        return module.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        pass
+    try:
+        return next(module.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

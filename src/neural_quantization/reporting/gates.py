@@ -22,38 +22,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from typing import Any
 
+from neural_quantization.config import QualityGates
 
-@dataclass
-class QualityGates:
-    """Limits on perplexity degradation, in percent.
-
-    max_degradation: limit on the average degradation over languages (``--max-degradation``).
-    max_language_degradation: limit on each language's degradation (``--max-language-degradation``).
-    """
-
-    max_degradation: float = 2.0
-    max_language_degradation: float = 3.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_degradation", "max_language_degradation"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(
-                    f"{name}={value!r} must be a finite number of percent >= 0, e.g. {flag} 3.0."
-                )
-            setattr(self, name, float(value))
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+__all__ = ["QualityGates", "all_passed", "evaluate_gates", "summarize"]
 
 
 def _degradation(result: Any) -> float:
