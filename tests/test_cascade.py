@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from conftest import TINY_CONFIG, tiny_model, tiny_tokens
 
 from neural_quantization import QuantizationConfig, Quantizer, load_quantized
 from neural_quantization.cli import build_parser, config_from_args
@@ -23,10 +23,6 @@ from neural_quantization.models.cascade import (
 )
 from neural_quantization.nn.qlinear import QuantLinear
 
-TINY = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, eos_token_id=1, bos_token_id=0, pad_token_id=0,
-)
 LINEARS_PER_LAYER = 7  # q k v o gate up down
 
 
@@ -37,15 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**TINY)).eval()
-
-
-def calibration_ids():
-    return torch.randint(2, TINY["vocab_size"], (8, 24), generator=torch.Generator().manual_seed(1))
 
 
 def config(**kw):
@@ -186,7 +173,7 @@ def test_narrow_view_rejects_a_plain_wide_grid():
 
 
 def test_sequential_cascade_stages_match_what_was_measured():
-    model, ids = tiny_llama(), calibration_ids()
+    model, ids = tiny_model(), tiny_tokens()
     h0 = first_q_proj_hessian(model, ids)
     w_fp = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     direct8, r8 = Quantizer(config(bits=8, cascade_stages=None)).quantize_model(copy.deepcopy(model), ids)
@@ -194,7 +181,7 @@ def test_sequential_cascade_stages_match_what_was_measured():
 
     stages = results.stages
     assert [s["bits"] for s in stages] == [8, 4] and [s["stage"] for s in stages] == [1, 2]
-    n_linears = TINY["num_hidden_layers"] * LINEARS_PER_LAYER
+    n_linears = TINY_CONFIG["num_hidden_layers"] * LINEARS_PER_LAYER
     assert all(len(s["layers"]) == n_linears for s in stages)
     assert results.layers == stages[-1]["layers"]
     assert all(s["seconds"] > 0 for s in stages)
@@ -215,18 +202,18 @@ def test_sequential_cascade_stages_match_what_was_measured():
 
 
 def test_dequantize_model_linears_keeps_the_outputs():
-    model, ids = tiny_llama(), calibration_ids()
+    model, ids = tiny_model(), tiny_tokens()
     quantized, _ = Quantizer(config()).quantize_model(model, ids)
     with torch.no_grad():
         before = quantized(ids[:2]).logits
-    assert dequantize_model_linears(quantized) == TINY["num_hidden_layers"] * LINEARS_PER_LAYER
+    assert dequantize_model_linears(quantized) == TINY_CONFIG["num_hidden_layers"] * LINEARS_PER_LAYER
     assert not quantized_linears(quantized)
     with torch.no_grad():
         torch.testing.assert_close(quantized(ids[:2]).logits, before)
 
 
 def test_nested_checkpoint_reads_exactly_at_both_widths(tmp_path):
-    model, ids = tiny_llama(), calibration_ids()
+    model, ids = tiny_model(), tiny_tokens()
     h0 = first_q_proj_hessian(model, ids)
     w_fp = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     cfg = config(cascade_stages=[8, 4], cascade_mode="nested")
@@ -241,7 +228,7 @@ def test_nested_checkpoint_reads_exactly_at_both_widths(tmp_path):
     at4 = load_quantized(path, bits=4, dtype=torch.float32)
     assert load_quantized(path).state_dict().keys() == at8.state_dict().keys()
     names = [n for n, m in nested.named_modules() if isinstance(m, QuantLinear)]
-    assert len(names) == TINY["num_hidden_layers"] * LINEARS_PER_LAYER
+    assert len(names) == TINY_CONFIG["num_hidden_layers"] * LINEARS_PER_LAYER
     for name in names:
         stored = nested.get_submodule(name)
         read8, read4 = at8.get_submodule(name), at4.get_submodule(name)
@@ -277,7 +264,7 @@ def test_nested_checkpoint_reads_exactly_at_both_widths(tmp_path):
 
 
 def test_only_nested_checkpoints_have_a_narrow_read(tmp_path):
-    model, ids = tiny_llama(), calibration_ids()
+    model, ids = tiny_model(), tiny_tokens()
     quantized, _ = Quantizer(config(bits=8)).quantize_model(model, ids)
     path = quantized.save_pretrained(tmp_path / "w8")
     with pytest.raises(CheckpointError, match="nested"):
@@ -296,10 +283,9 @@ def cli_model_and_texts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cascade_cli")
     tokenizer = make_tiny_tokenizer(add_bos=True)
-    llama = LlamaConfig(**{**TINY, "vocab_size": len(tokenizer), "bos_token_id": 2, "eos_token_id": 3,
-                           "initializer_range": 0.3})
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(llama).save_pretrained(root / "model")
+    tiny_model(vocab_size=len(tokenizer), bos_token_id=2, eos_token_id=3, initializer_range=0.3).save_pretrained(
+        root / "model"
+    )
     tokenizer.save_pretrained(root / "model")
     for lang, lines in {"en": TINY_CORPUS[:2], "fr": TINY_CORPUS[2:]}.items():
         for split in ("calib", "eval"):

@@ -4,11 +4,17 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from accelerate import init_empty_weights
+from conftest import tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
 
 from neural_quantization import QuantizationConfig, Quantizer
 from neural_quantization.deploy import DEVICES, DeployError, ModelShape, estimate_weight_bytes, kv_cache_bytes
 from neural_quantization.deploy.memory import OVERHEAD_FIXED_BYTES, memory_report
+from neural_quantization.export.checkpoint import unique_state_items
+from neural_quantization.formats.gptq import gptq_layer_bytes
+from neural_quantization.models.preflight import estimate_run
+from neural_quantization.nn.qlinear import QuantLinear
 
 MISTRAL_7B = {  # the values of mistralai/Mistral-7B-v0.1's config.json that decide memory
     "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
@@ -19,10 +25,7 @@ MISTRAL_7B = {  # the values of mistralai/Mistral-7B-v0.1's config.json that dec
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_model(intermediate_size=128, max_position_embeddings=256)
     model, _ = Quantizer(QuantizationConfig(group_size=32, method="rtn")).quantize_model(model, torch.zeros(1, 4))
     return model.save_pretrained(tmp_path_factory.mktemp("deploy") / "ckpt")
 
@@ -75,6 +78,27 @@ def test_mistral_7b_config_only_estimate(tmp_path):
     assert report.fit("Apple M1 16 GB").needed_bytes == q4_0 + report.kv_cache_bytes + report.fit(
         "Apple M1 16 GB").overhead_bytes
     assert [d.name for d in DEVICES] == [f.device for f in report.devices]
+
+
+def test_3bit_layer_bytes_agree_between_preflight_deploy_and_the_checkpoint(tmp_path):
+    """K = 40 and 104 fill no whole 3-bit chunk (32 codes = 3 words): the pre-flight disk estimate,
+    the config-only deployment estimate and the quantized model's buffers all count the padding."""
+    sizes = dict(hidden_size=40, intermediate_size=104)  # 4 heads of 10, 2 KV heads
+    config = tiny_config(**sizes)
+    shape = ModelShape.from_config(config.to_dict())  # projections (K, N): (40, 40), (40, 20), (104, 40), ...
+    layout = shape.layers * sum(gptq_layer_bytes(3, 32, k, n) for k, n in shape.linear_shapes())
+    assert estimate_weight_bytes(shape, bits=3, group_size=32)["decoder_linears"] == layout
+
+    qconfig = QuantizationConfig(bits=3, group_size=32, method="rtn", device="cpu")
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config)
+    assert estimate_run(meta, qconfig, 4, 16, torch.device("cpu")).breakdown["disk.quantized_linears"] == layout
+
+    model, _ = Quantizer(qconfig).quantize_model(tiny_model(**sizes), torch.zeros(1, 4))
+    linears = {name for name, m in model.named_modules() if isinstance(m, QuantLinear) and name != "lm_head"}
+    stored = sum(t.numel() * t.element_size() for name, t in unique_state_items(model)
+                 if name.rpartition(".")[0] in linears and not name.endswith(".bias"))
+    assert stored == layout
 
 
 def test_bad_inputs_say_what_to_pass(tmp_path):

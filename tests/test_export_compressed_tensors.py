@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_tokens
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from neural_quantization import QuantizationConfig, QuantLinear, Quantizer
 from neural_quantization.export.compressed_tensors import ExportError, check_export_config, export_compressed_tensors
@@ -14,17 +15,10 @@ compressed_tensors = pytest.importorskip(
     "compressed_tensors", reason="compressed-tensors is not installed (pip install 'neural-quantization[export]')"
 )
 
-CONFIG = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=0,
-)
-
-
 def quantized_llama(bits, sym, method="gptq", group_size=32, **extra):
     """A tiny random Llama quantized in place (RTN where only the storage layout is under test: faster)."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).eval()
-    ids = torch.randint(2, CONFIG["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(1))
+    model = tiny_model(intermediate_size=128)  # 2 groups of 32 along every K
+    ids = tiny_tokens(4, 16)
     config = QuantizationConfig(bits=bits, group_size=group_size, sym=sym, method=method, calibration_batch_size=4,
                                 **extra)
     model, _ = Quantizer(config).quantize_model(model, ids)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from conftest import TINY_CORPUS, make_tiny_bpe_tokenizer as bpe_tokenizer, tiny_model, tiny_tokens
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neural_quantization import QuantizationConfig, QuantLinear, Quantizer
 from neural_quantization.export.gguf import (
@@ -16,32 +17,10 @@ from neural_quantization.export.gguf import (
 
 gguf = pytest.importorskip("gguf")
 
-CORPUS = ["the cat sat on the mat and the dog sat on the rug", "le chat dort sur le tapis et le chien mange"] * 10
-
-
-def bpe_tokenizer():
-    """A byte-level BPE tokenizer trained in milliseconds on a tiny corpus (GGUF's "gpt2" model)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>")
-
-
 def quantized_llama(bits, tied, method="gptq", vocab_size=300, **extra):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied, bos_token_id=1,
-        eos_token_id=0,
-    )
-    model = AutoModelForCausalLM.from_config(config).eval()
-    ids = torch.randint(2, vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    model = tiny_model(vocab_size=vocab_size, intermediate_size=128, tie_word_embeddings=tied, bos_token_id=1,
+                       eos_token_id=0, pad_token_id=None)
+    ids = tiny_tokens(4, 16, vocab_size=vocab_size)
     qconfig = QuantizationConfig(bits=bits, group_size=32, method=method, calibration_batch_size=4, **extra)
     model, _ = Quantizer(qconfig).quantize_model(model, ids)
     return model, ids
@@ -151,10 +130,7 @@ def test_bad_combinations_fail_before_quantizing(changes, reason):
 
 
 def test_other_architectures_are_refused_with_the_reason(tmp_path):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(
-        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2)).eval()
+    model = tiny_model("qwen2", vocab_size=64, intermediate_size=64, num_hidden_layers=1)
     model, _ = Quantizer(QuantizationConfig(group_size=32, method="rtn")).quantize_model(model, torch.zeros(1, 4))
     with pytest.raises(GGUFExportError, match="Llama architecture"):
         export_gguf(model, tmp_path / "q.gguf", tokenizer=bpe_tokenizer())
@@ -167,14 +143,11 @@ def test_cli_quantize_format_gguf_with_edge_report(tmp_path, capsys):
 
     from neural_quantization.cli import main
 
-    torch.manual_seed(0)
     tokenizer = bpe_tokenizer()
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=0, pad_token_id=0))
+    model = tiny_model(vocab_size=len(tokenizer), intermediate_size=128, bos_token_id=1, eos_token_id=0)
     model.save_pretrained(tmp_path / "fp")
     tokenizer.save_pretrained(tmp_path / "fp")
-    (tmp_path / "calib.txt").write_text("\n".join(CORPUS))
+    (tmp_path / "calib.txt").write_text("\n".join(TINY_CORPUS * 4))
     out = tmp_path / "w4"
     code = main([
         "quantize", "--model-name", str(tmp_path / "fp"), "--output-dir", str(out), "--format", "gguf",

@@ -8,8 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_tokens
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, GPTQConfig, LlamaConfig
+from transformers import GPTQConfig
 
 from neural_quantization import QuantizationConfig, QuantLinear, Quantizer
 
@@ -17,11 +18,8 @@ MARLIN_GROUP_SIZES = (-1, 32, 64, 128)  # vLLM quantization/utils/marlin_utils.p
 
 
 def saved_checkpoint(tmp_path, **changes):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).eval()
-    ids = torch.randint(2, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    model = tiny_model(intermediate_size=128, num_hidden_layers=1, max_position_embeddings=64)
+    ids = tiny_tokens(4, 16)
     config = QuantizationConfig(**{"group_size": 32, "method": "rtn", **changes})
     model, _ = Quantizer(config).quantize_model(model, ids)
     path = model.save_pretrained(tmp_path / "ckpt")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neural_quantization import QuantizationConfig, QuantLinear, Quantizer, fuse_projections, load_quantized
-from test_pipeline import tiny_model, tokens
+from conftest import tiny_model, tiny_tokens as tokens
 
 
 @pytest.fixture(scope="module")

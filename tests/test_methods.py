@@ -55,7 +55,7 @@ def test_clip_is_validated_and_old_records_still_load():
 
 # --- rotation of the residual stream ---------------------------------------------------------------
 
-from test_pipeline import tiny_model, tokens  # noqa: E402
+from conftest import tiny_model, tiny_tokens as tokens  # noqa: E402
 
 from neural_quantization import Quantizer  # noqa: E402
 from neural_quantization.core.hadamard import hadamard_matrix, random_rotation  # noqa: E402

@@ -5,7 +5,13 @@ import torch
 
 from neural_quantization.config import QuantizationConfig
 from neural_quantization.core.gptq import accumulate_hessian, gptq_quantize
-from neural_quantization.formats.gptq import from_gptq_tensors, to_gptq_tensors
+from neural_quantization.core.quantized_weight import QuantizedWeight, group_index, num_groups
+from neural_quantization.formats.gptq import (
+    from_gptq_tensors,
+    gptq_layer_bytes,
+    gptq_tensor_shapes,
+    to_gptq_tensors,
+)
 from neural_quantization.formats.packing import pack, packed_length, unpack
 from neural_quantization.kernels.reference import dequantize_gptq
 
@@ -62,3 +68,24 @@ def test_symmetric_4bit_zeros_are_stored_as_seven():
     h, _ = accumulate_hessian(None, 0, torch.randn(200, 64))
     tensors = to_gptq_tensors(gptq_quantize(w, h, QuantizationConfig(bits=4, group_size=32)))
     assert (tensors["qzeros"] == 0x77777777).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("in_features, out_features", [(40, 20), (104, 36), (1, 3)])
+@pytest.mark.parametrize("group_size", [-1, 16, 32])
+def test_gptq_layer_bytes_is_the_packed_tensors_byte_count(bits, in_features, out_features, group_size):
+    """The one byte count of a GPTQ layer, padding included, for K and N that fill no whole chunk
+    (3 bits: K = 40 needs 6 words per column, not ceil(3 · 40 / 32) = 4)."""
+    g = torch.Generator().manual_seed(bits * 7 + in_features)
+    k, n, groups = in_features, out_features, num_groups(in_features, group_size)
+    qw = QuantizedWeight(
+        codes=torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.int32),
+        scales=torch.rand(groups, n, generator=g) + 0.5,
+        zeros=torch.randint(1, 1 << bits, (groups, n), generator=g, dtype=torch.int32),
+        g_idx=group_index(k, group_size),
+        bits=bits,
+        group_size=group_size,
+    )
+    tensors = to_gptq_tensors(qw)
+    assert {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()} == gptq_tensor_shapes(bits, group_size, k, n)
+    assert gptq_layer_bytes(bits, group_size, k, n) == sum(t.numel() * t.element_size() for t in tensors.values())

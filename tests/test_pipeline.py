@@ -5,18 +5,8 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_ARCHITECTURES, tiny_model, tiny_tokens
 from safetensors import safe_open
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma3TextConfig,
-    GemmaConfig,
-    LlamaConfig,
-    MistralConfig,
-    Phi3Config,
-    Qwen2Config,
-    Qwen3Config,
-)
 
 from neural_quantization import QuantizationConfig, QuantLinear, Quantizer, load_quantized
 from neural_quantization.export.directories import OutputExistsError
@@ -24,38 +14,12 @@ from neural_quantization.formats.packing import packed_length
 from neural_quantization.nn.modules import find_decoder_layers
 from neural_quantization.models.sequential import capture_layer_inputs, linear_groups, run_block, LayerInputs
 
-COMMON = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, eos_token_id=1, bos_token_id=0, pad_token_id=0,
-)
-ARCHITECTURES = {
-    "llama": lambda: LlamaConfig(**COMMON),
-    "mistral": lambda: MistralConfig(**COMMON),
-    "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
-    "gemma2": lambda: Gemma2Config(**COMMON, head_dim=16),
-    "gemma3": lambda: Gemma3TextConfig(
-        **COMMON, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"]
-    ),
-    "qwen2": lambda: Qwen2Config(**COMMON),
-    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
-    "phi3": lambda: Phi3Config(**COMMON),
-}
 
-
-def tiny_model(arch: str, seed: int = 0):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(ARCHITECTURES[arch]()).eval()
-
-
-def tokens(n=8, length=24, seed=1):
-    return torch.randint(2, COMMON["vocab_size"], (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_captured_inputs_reproduce_the_models_own_forward(arch):
     """Running the blocks on the captured inputs gives the model's hidden states (sliding windows too)."""
     model = tiny_model(arch)
-    ids = tokens(4)
+    ids = tiny_tokens(4)
     with torch.no_grad():
         expected = model(ids, output_hidden_states=True).hidden_states
     _, layers = find_decoder_layers(model)
@@ -70,7 +34,7 @@ def test_captured_inputs_reproduce_the_models_own_forward(arch):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3", "qwen2", "qwen3", "phi3"])
 def test_quantize_save_load_gives_identical_logits(arch, tmp_path):
     model = tiny_model(arch)
-    ids = tokens()
+    ids = tiny_tokens()
     config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=4, desc_act=arch == "qwen2")
     quantized, results = Quantizer(config).quantize_model(model, ids)
     with torch.no_grad():
@@ -88,7 +52,7 @@ def test_quantize_save_load_gives_identical_logits(arch, tmp_path):
 def test_checkpoint_tensors_have_the_documented_layout(tmp_path):
     model = tiny_model("llama")
     config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=4)
-    quantized, _ = Quantizer(config).quantize_model(model, tokens())
+    quantized, _ = Quantizer(config).quantize_model(model, tiny_tokens())
     quantized.save_pretrained(tmp_path / "ckpt")
     with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
         names = set(f.keys())
@@ -120,7 +84,7 @@ def test_checkpoint_tensors_have_the_documented_layout(tmp_path):
 def test_tied_embeddings_are_stored_once(tmp_path):
     model = tiny_model("gemma3")
     assert model.config.tie_word_embeddings
-    quantized, _ = Quantizer(QuantizationConfig(bits=4, group_size=32)).quantize_model(model, tokens())
+    quantized, _ = Quantizer(QuantizationConfig(bits=4, group_size=32)).quantize_model(model, tiny_tokens())
     quantized.save_pretrained(tmp_path / "ckpt")
     with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in set(f.keys())
@@ -131,7 +95,7 @@ def test_tied_embeddings_are_stored_once(tmp_path):
 def test_true_sequential_groups_follow_execution_order():
     model = tiny_model("llama")
     _, layers = find_decoder_layers(model)
-    hidden, kwargs = capture_layer_inputs(model, layers, [tokens(2)], torch.device("cpu"))
+    hidden, kwargs = capture_layer_inputs(model, layers, [tiny_tokens(2)], torch.device("cpu"))
     linears = {n: m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
     groups = linear_groups(layers[0], linears, hidden[0], kwargs[0][0])
     assert groups == [
@@ -151,7 +115,7 @@ def _output_error(reference, quantized, ids):
 
 def test_gptq_model_is_closer_to_the_reference_than_rtn():
     reference = tiny_model("llama", seed=3)
-    ids = tokens(16, 32)
+    ids = tiny_tokens(16, 32)
     errors = {}
     for method in ("rtn", "gptq"):
         config = QuantizationConfig(bits=3, group_size=32, method=method, calibration_batch_size=8)
@@ -162,14 +126,14 @@ def test_gptq_model_is_closer_to_the_reference_than_rtn():
 
 def test_8bit_per_channel_is_nearly_lossless():
     reference = tiny_model("mistral")
-    ids = tokens()
+    ids = tiny_tokens()
     quantized, _ = Quantizer(QuantizationConfig(bits=8, group_size=-1)).quantize_model(copy.deepcopy(reference), ids)
     assert _output_error(reference, quantized, ids) < 1e-4
 
 
 def test_lm_head_quantization_unties_and_round_trips(tmp_path):
     model = tiny_model("llama")
-    ids = tokens()
+    ids = tiny_tokens()
     config = QuantizationConfig(bits=4, group_size=32, quantize_lm_head=True)
     quantized, results = Quantizer(config).quantize_model(model, ids)
     assert isinstance(quantized.lm_head, QuantLinear) and results.layers[-1]["name"] == "lm_head"
@@ -183,7 +147,7 @@ def test_lm_head_quantization_unties_and_round_trips(tmp_path):
 def test_results_hold_measured_sizes():
     model = tiny_model("llama")
     n_params = sum(p.numel() for p in model.parameters())  # tied weights counted once by parameters()
-    quantized, results = Quantizer(QuantizationConfig(bits=4, group_size=32)).quantize_model(model, tokens())
+    quantized, results = Quantizer(QuantizationConfig(bits=4, group_size=32)).quantize_model(model, tiny_tokens())
     assert results.size_bytes["reference"] == 2 * n_params
     packed = sum(
         sum(t.numel() * t.element_size() for t in (m.qweight, m.qzeros, m.scales, m.g_idx))
@@ -198,7 +162,7 @@ def test_results_hold_measured_sizes():
 
 
 def test_existing_output_dir_is_refused_and_nothing_is_half_written(tmp_path, monkeypatch):
-    quantized, _ = Quantizer(QuantizationConfig(bits=4, group_size=32)).quantize_model(tiny_model("llama"), tokens())
+    quantized, _ = Quantizer(QuantizationConfig(bits=4, group_size=32)).quantize_model(tiny_model("llama"), tiny_tokens())
     target = tmp_path / "out"
     target.mkdir()
     (target / "notes.txt").write_text("the user's")
@@ -221,7 +185,7 @@ def test_existing_output_dir_is_refused_and_nothing_is_half_written(tmp_path, mo
 def test_pipeline_on_cuda_matches_cpu_and_round_trips(tmp_path):
     """Layers move to the GPU one at a time and back; the result matches the CPU run closely."""
     reference = tiny_model("llama")
-    ids = tokens()
+    ids = tiny_tokens()
     config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=4)
     on_cpu, _ = Quantizer(config.replace(device="cpu")).quantize_model(copy.deepcopy(reference), ids)
     on_gpu, results = Quantizer(config.replace(device="cuda")).quantize_model(copy.deepcopy(reference), ids)
@@ -242,7 +206,7 @@ def test_marlin_profile_checks_layer_shapes_before_quantizing():
     model = tiny_model("llama")  # hidden 64: in_features 64 is not a multiple of 128
     before = {n: p.clone() for n, p in model.named_parameters()}
     with pytest.raises(ConfigError, match="multiple of 128"):
-        Quantizer(QuantizationConfig(kernel_backend="marlin", group_size=32)).quantize_model(model, tokens())
+        Quantizer(QuantizationConfig(kernel_backend="marlin", group_size=32)).quantize_model(model, tiny_tokens())
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # untouched
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
@@ -250,7 +214,7 @@ def test_marlin_profile_checks_layer_shapes_before_quantizing():
 def test_several_devices_give_the_single_device_result():
     """Two replicas (here both on the CPU) split the batches and average their Hessians; the
     group's linears are solved in two threads. Only the summation order differs from one device."""
-    ids = tokens()
+    ids = tiny_tokens()
     config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=2, device="cpu")
     one, one_results = Quantizer(config).quantize_model(tiny_model("llama"), ids, model_name="tiny")
     two, two_results = Quantizer(config).quantize_model(tiny_model("llama"), ids, model_name="tiny",
@@ -265,7 +229,7 @@ def test_several_devices_give_the_single_device_result():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_gpus_give_the_single_gpu_result():
-    ids = tokens()
+    ids = tiny_tokens()
     config = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=2, device="cuda:0")
     one, one_results = Quantizer(config).quantize_model(tiny_model("llama"), ids, model_name="tiny")
     two, two_results = Quantizer(config).quantize_model(tiny_model("llama"), ids, model_name="tiny",

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Phi3Config, Qwen2Config
+from conftest import TINY_CONFIG, tiny_model
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from neural_quantization import QuantizationConfig, Quantizer
 from neural_quantization.export.checkpoint import unique_state_items
@@ -105,29 +106,14 @@ def test_format_says_what_to_change_when_the_host_is_too_small(llama_70b, monkey
     assert "fits           yes" in format_estimate(streamed)
 
 
-TINY = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, eos_token_id=1, bos_token_id=0, pad_token_id=0,
-)
-TINY_ARCHITECTURES = {
-    "llama-tied": lambda: LlamaConfig(**TINY, tie_word_embeddings=True),
-    "gemma3": lambda: Gemma3TextConfig(
-        **TINY, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"]
-    ),
-    "qwen2": lambda: Qwen2Config(**TINY),  # q/k/v biases
-    "phi3": lambda: Phi3Config(**TINY),  # fused qkv_proj and gate_up_proj
-}
-
-
 @pytest.mark.parametrize("lm_head", [False, True])
-@pytest.mark.parametrize("arch", list(TINY_ARCHITECTURES))
+@pytest.mark.parametrize("arch", ["llama-tied", "gemma3", "qwen2", "phi3"])  # + q/k/v biases, fused projections
 def test_disk_estimate_is_the_quantized_models_bytes(arch, lm_head):
     """Checkpoint size to the byte: packed linears (+ biases), norms, embeddings, (un)tied lm_head."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(TINY_ARCHITECTURES[arch]()).eval()
+    model = tiny_model("llama", tie_word_embeddings=True) if arch == "llama-tied" else tiny_model(arch)
     config = QuantizationConfig(bits=4, group_size=16, num_samples=4, seq_len=16, device="cpu", quantize_lm_head=lm_head)
     estimate = estimate_run(model, config, 4, 16, torch.device("cpu"))
-    Quantizer(config).quantize_model(model, torch.randint(2, TINY["vocab_size"], (4, 16)))
+    Quantizer(config).quantize_model(model, torch.randint(2, TINY_CONFIG["vocab_size"], (4, 16)))
     assert estimate.disk_bytes == sum(t.numel() * t.element_size() for _, t in unique_state_items(model))
 
 

@@ -18,25 +18,18 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_tokens
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from neural_quantization import QuantizationConfig, Quantizer, load_quantized
 from neural_quantization.models.layer_storage import INDEX_FILE, CheckpointWeights, WorkDirError
 
-TINY = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, eos_token_id=1, bos_token_id=0, pad_token_id=0,
-)
+LAYERS = 4  # more than conftest's tiny decoder has: a resumed run has finished layers to skip
 CONFIG = QuantizationConfig(bits=4, group_size=32, calibration_batch_size=4, device="cpu")
 
 
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**TINY)).eval()
-
-
-def tokens(n=8, length=24, seed=1):
-    return torch.randint(2, TINY["vocab_size"], (n, length), generator=torch.Generator().manual_seed(seed))
+def four_layer_model():
+    return tiny_model(num_hidden_layers=LAYERS)
 
 
 def checkpoint_state(directory) -> dict[str, torch.Tensor]:
@@ -64,8 +57,8 @@ def stop_after(layers: int):
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_resumed_run_writes_the_same_checkpoint_as_an_uninterrupted_one(tmp_path, device):
-    reference = tiny_model()
-    ids = tokens()
+    reference = four_layer_model()
+    ids = tiny_tokens()
     config = CONFIG.replace(device=device)
     model, results = Quantizer(config).quantize_model(copy.deepcopy(reference), ids, model_name="tiny",
                                                       work_dir=tmp_path / "work-a")
@@ -89,24 +82,24 @@ def test_resumed_run_writes_the_same_checkpoint_as_an_uninterrupted_one(tmp_path
 
 
 def test_work_directory_of_another_run_is_refused(tmp_path):
-    ids = tokens()
-    Quantizer(CONFIG).quantize_model(tiny_model(), ids, model_name="tiny", work_dir=tmp_path / "work")
+    ids = tiny_tokens()
+    Quantizer(CONFIG).quantize_model(four_layer_model(), ids, model_name="tiny", work_dir=tmp_path / "work")
     with pytest.raises(WorkDirError, match="--resume"):  # reuse without resume
-        Quantizer(CONFIG).quantize_model(tiny_model(), ids, model_name="tiny", work_dir=tmp_path / "work")
+        Quantizer(CONFIG).quantize_model(four_layer_model(), ids, model_name="tiny", work_dir=tmp_path / "work")
     with pytest.raises(WorkDirError, match="calibration_sha256"):  # other calibration tokens
-        Quantizer(CONFIG).quantize_model(tiny_model(), tokens(seed=2), model_name="tiny",
+        Quantizer(CONFIG).quantize_model(four_layer_model(), tiny_tokens(seed=2), model_name="tiny",
                                          work_dir=tmp_path / "work", resume=True)
     with pytest.raises(ValueError, match="work_dir"):
-        Quantizer(CONFIG).quantize_model(tiny_model(), ids, model_name="tiny", resume=True)
+        Quantizer(CONFIG).quantize_model(four_layer_model(), ids, model_name="tiny", resume=True)
 
 
 def test_streamed_run_writes_the_in_memory_runs_tensors_as_shards(tmp_path):
     source = tmp_path / "float-model"
-    tiny_model().save_pretrained(source)
+    four_layer_model().save_pretrained(source)
     from conftest import make_tiny_tokenizer
 
     make_tiny_tokenizer().save_pretrained(source)
-    ids = tokens()
+    ids = tiny_tokens()
 
     in_memory, _ = Quantizer(CONFIG).quantize_model(str(source), ids)
     in_memory.save_pretrained(tmp_path / "in-memory")
@@ -116,7 +109,7 @@ def test_streamed_run_writes_the_in_memory_runs_tensors_as_shards(tmp_path):
     streamed.save_pretrained(tmp_path / "streamed")
 
     index = json.loads((tmp_path / "streamed" / INDEX_FILE).read_text())
-    assert len(set(index["weight_map"].values())) == TINY["num_hidden_layers"] + 1
+    assert len(set(index["weight_map"].values())) == LAYERS + 1
     assert_same_tensors(checkpoint_state(tmp_path / "in-memory"), checkpoint_state(tmp_path / "streamed"))
     assert results.size_bytes["quantized"] == sum(t.numel() * t.element_size()
                                                   for t in checkpoint_state(tmp_path / "streamed").values())

@@ -29,8 +29,10 @@ __all__ = [
     "CalibrationSet",
     "bos_prefix",
     "calibration_from_source",
+    "cut_windows",
     "sample_calibration",
     "samples_per_language",
+    "token_stream",
     "tokenize_text",
 ]
 
@@ -98,7 +100,11 @@ def samples_per_language(num_samples: int, languages: Sequence[str]) -> dict[str
 
 
 def bos_prefix(tokenizer: Any) -> list[int]:
-    """``[bos_token_id]`` when the tokenizer prepends BOS by default, else ``[]``."""
+    """``[bos_token_id]`` when the tokenizer prepends BOS by default, else ``[]``.
+
+    The one BOS rule of the package: calibration windows and evaluation windows
+    (``evaluation/language_eval.py``) both start with this prefix.
+    """
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return []
@@ -106,9 +112,32 @@ def bos_prefix(tokenizer: Any) -> list[int]:
     return [bos] if ids and ids[0] == bos else []
 
 
+def token_stream(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` as one sequence, without special tokens (BOS comes from :func:`bos_prefix`)."""
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
 def tokenize_text(tokenizer: Any, lines: Sequence[str]) -> list[int]:
     """Token ids of ``"\\n".join(lines)``, without special tokens, as one sequence."""
-    return list(tokenizer("\n".join(lines), add_special_tokens=False, verbose=False)["input_ids"])
+    return token_stream(tokenizer, "\n".join(lines))
+
+
+def cut_windows(stream: torch.Tensor, starts: Sequence[int], seq_len: int, prefix: Sequence[int]) -> torch.Tensor:
+    """Windows of exactly ``seq_len`` tokens: ``prefix`` then ``seq_len - len(prefix)`` stream tokens.
+
+    stream: (n_tokens,) token ids; starts: where each window's text begins in it (each
+    ``<= n_tokens - (seq_len - len(prefix))``). Returns (len(starts), seq_len)::
+
+        stream = [t0 .. t8], starts = [0, 3, 6], seq_len = 4, prefix = [BOS]
+        -> [[BOS t0 t1 t2], [BOS t3 t4 t5], [BOS t6 t7 t8]]
+    """
+    body = seq_len - len(prefix)
+    index = torch.tensor(list(starts), dtype=torch.long)[:, None] + torch.arange(body)  # (n, body)
+    windows = stream[index]
+    head = torch.tensor(list(prefix), dtype=torch.long).expand(len(index), -1)  # (n, len(prefix))
+    return torch.cat([head, windows], dim=1)
 
 
 def _generator(seed: int, language: str) -> torch.Generator:
@@ -160,7 +189,7 @@ def sample_calibration(
     prefix = bos_prefix(tokenizer)
     body = seq_len - len(prefix)
 
-    windows: dict[str, list[torch.Tensor]] = {}
+    windows: dict[str, torch.Tensor] = {}  # (count, seq_len) per language
     for lang in langs:
         ids = tokenize_text(tokenizer, split_lines(texts_by_lang[lang]))
         if len(ids) < body:
@@ -169,10 +198,8 @@ def sample_calibration(
                 f"{body} text tokens (seq_len={seq_len}{' with BOS' if prefix else ''}). Lower --seq-len to "
                 f"at most {len(ids) + len(prefix)} or add more {lang!r} text."
             )
-        ids_t = torch.tensor(ids, dtype=torch.long)
         starts = _window_starts(len(ids), body, counts[lang], _generator(seed, lang))
-        prefix_t = torch.tensor(prefix, dtype=torch.long)
-        windows[lang] = [torch.cat([prefix_t, ids_t[s : s + body]]) for s in starts]
+        windows[lang] = cut_windows(torch.tensor(ids, dtype=torch.long), starts, seq_len, prefix)
 
     rows: list[torch.Tensor] = []
     row_langs: list[str] = []

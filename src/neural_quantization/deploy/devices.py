@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GIB = 1 << 30
+from neural_quantization.formats.units import GIB
 
 
 @dataclass(frozen=True)

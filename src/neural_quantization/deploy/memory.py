@@ -28,9 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neural_quantization.deploy.devices import DEVICES, GIB, Device
+from neural_quantization.core.quantized_weight import num_groups
+from neural_quantization.deploy.devices import DEVICES, Device
+from neural_quantization.formats.gptq import gptq_layer_bytes
+from neural_quantization.formats.packing import packed_length
+from neural_quantization.formats.units import MIB
+from neural_quantization.models.shape import ModelShape, ModelShapeError
 
-MIB = 1 << 20
 OVERHEAD_FIXED_BYTES = 300 * MIB
 OVERHEAD_FRACTION = 0.10
 FP16_BYTES = 2
@@ -42,51 +46,12 @@ class DeployError(ValueError):
     """A path or config the report cannot use; the message says what to pass."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Model shape (from config.json)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a decoder-only transformer that decide its memory."""
-
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied_embeddings: bool
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> ModelShape:
-        config = dict(config.get("text_config") or config)  # multimodal configs nest the LM
-        try:
-            hidden = int(config["hidden_size"])
-            heads = int(config["num_attention_heads"])
-            return cls(
-                layers=int(config["num_hidden_layers"]),
-                hidden=hidden,
-                intermediate=int(config["intermediate_size"]),
-                heads=heads,
-                kv_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or hidden // heads),
-                vocab=int(config["vocab_size"]),
-                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-            )
-        except KeyError as missing:
-            raise DeployError(
-                f"config has no {missing} entry; pass a decoder-only transformer's config.json "
-                "(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size)."
-            ) from None
-
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in_features, out_features) of the 7 projections of one decoder layer (Llama/Mistral/Qwen style)."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        h, i = self.hidden, self.intermediate
-        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+def model_shape(config: dict[str, Any]) -> ModelShape:
+    """The model's sizes from its ``config.json`` (``models/shape.py`` reads them), as a :class:`DeployError`."""
+    try:
+        return ModelShape.from_config(config)
+    except ModelShapeError as err:
+        raise DeployError(str(err)) from None
 
 
 def kv_cache_bytes(shape: ModelShape, context: int, batch: int = 1, bytes_per_element: float = FP16_BYTES) -> int:
@@ -106,14 +71,12 @@ def runtime_overhead_bytes(weights: int, kv_cache: int) -> int:
 
 def _quantized_linear_bytes(k: int, n: int, bits: int, group_size: int, fmt: str) -> int:
     """Stored bytes of one quantized (K in, N out) layer in ``fmt`` (see formats/gptq.py, compressed_tensors.py)."""
-    groups = 1 if group_size == -1 else -(-k // group_size)
-    codes = -(-k * bits // 32) * 4 * n  # int32 words
-    scales = groups * n * FP16_BYTES
     if fmt == "gptq":
-        zeros = groups * -(-n * bits // 32) * 4
-        return codes + scales + zeros + k * 4  # + g_idx int32
+        return gptq_layer_bytes(bits, group_size, k, n)  # qweight, qzeros, scales, g_idx
     if fmt == "compressed-tensors":
-        return codes + scales + 16  # symmetric: no zero points; weight_shape int64[2]
+        groups = num_groups(k, group_size)
+        codes = packed_length(k, bits) * 4 * n  # weight_packed int32 (N, packed K), the same packing
+        return codes + groups * n * FP16_BYTES + 16  # + fp16 scales; symmetric: no zero points; weight_shape int64[2]
     if fmt == "gguf":
         block = 18 if bits == 4 else 34  # Q4_0 / Q8_0: fp16 d + 32 codes per 32 weights
         return -(-k // 32) * n * block
@@ -251,7 +214,7 @@ def memory_report(
     path = Path(source)
     if not path.exists():
         raise DeployError(f"{path} does not exist; pass a checkpoint directory or a config.json file.")
-    shape = ModelShape.from_config(_load_config(path))
+    shape = model_shape(_load_config(path))
     kv = kv_cache_bytes(shape, context, batch, kv_bytes_per_element)
 
     measured = path.is_dir() and any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir())
@@ -303,10 +266,3 @@ def _fallback_format(weights: dict[str, dict[str, Any]]) -> str:
             return fmt
     return next(iter(weights))
 
-
-def format_bytes(n: int) -> str:
-    """Binary units: ``4.15 GiB``, ``512 MiB`` (negative for a shortfall)."""
-    sign, n = ("-" if n < 0 else ""), abs(n)
-    if n >= GIB:
-        return f"{sign}{n / GIB:.2f} GiB"
-    return f"{sign}{n / MIB:.0f} MiB"

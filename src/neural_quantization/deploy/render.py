@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from neural_quantization.deploy.memory import MemoryReport, format_bytes
+from neural_quantization.deploy.memory import MemoryReport
+from neural_quantization.formats.units import format_bytes
 
 
 def render_memory_report(report: MemoryReport, console: Any) -> None:

@@ -13,7 +13,10 @@ scored twice::
     windows  [BOS t0 t1 t2] [BOS t3 t4 t5] [BOS t6 t7 t8]
 
 Without BOS the windows are plain slices ``stream[i*seq_len:(i+1)*seq_len]``. Reference and quantized
-model always see the very same windows (the reference pass stores them).
+model always see the very same windows (the reference pass stores them). The BOS rule, the token
+stream and the cutting are calibration's (``calibration/sampling.py``: ``bos_prefix``,
+``token_stream``, ``cut_windows``): calibration draws its windows at random offsets, evaluation
+takes them in order.
 
 Perplexity
 ----------
@@ -70,6 +73,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from neural_quantization.calibration.sampling import bos_prefix, cut_windows, token_stream
+from neural_quantization.nn.modules import module_device
+
 DEFAULT_TOP_K = 64
 # Floats of fp32 log-softmax alive at once (per chunk of positions); 2**25 floats = 128 MB.
 _LOGSOFTMAX_BUDGET = 2**25
@@ -84,12 +90,9 @@ TextSource = str | Sequence[str]
 
 
 def tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """True when the tokenizer has a BOS token and puts it in front of a text by default."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return len(ids) > 0 and ids[0] == bos
+    """True when the tokenizer has a BOS token and puts it in front of a text by default
+    (the rule of ``calibration/sampling.py``'s :func:`bos_prefix`, which calibration uses too)."""
+    return bool(bos_prefix(tokenizer))
 
 
 def _join(text: TextSource) -> str:
@@ -121,23 +124,18 @@ def make_windows(
         raise ValueError(f"seq_len={seq_len!r}: a window needs at least 2 tokens (e.g. --eval-seq-len 512).")
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
         raise ValueError(f"max_windows={max_windows!r} must be a positive integer, or None for all windows.")
-    joined = _join(text)
-    ids = tokenizer(joined, add_special_tokens=False, verbose=False)["input_ids"] if joined else []
-    stream = torch.tensor(ids, dtype=torch.long)  # (n_tokens,)
-    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer_adds_bos(tokenizer) else None
-    body = seq_len - 1 if bos is not None else seq_len  # text tokens per window
+    stream = torch.tensor(token_stream(tokenizer, _join(text)), dtype=torch.long)  # (n_tokens,)
+    prefix = bos_prefix(tokenizer)  # [BOS] or []
+    body = seq_len - len(prefix)  # text tokens per window
     n = stream.numel() // body
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
         raise ValueError(
             f"the text has {stream.numel()} tokens, fewer than one full window of {seq_len} tokens; "
-            f"give more text or choose a smaller --eval-seq-len (at most {stream.numel() + (bos is not None)})."
+            f"give more text or choose a smaller --eval-seq-len (at most {stream.numel() + len(prefix)})."
         )
-    windows = stream[: n * body].view(n, body)
-    if bos is not None:
-        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
-    return windows
+    return cut_windows(stream, range(0, n * body, body), seq_len, prefix)  # consecutive, non-overlapping
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,17 +143,12 @@ def make_windows(
 # --------------------------------------------------------------------------------------------------
 
 
-def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+def _place(model: nn.Module, device: str | torch.device | None) -> torch.device:
     """Where inputs go. With ``device`` given the model is moved there (unless accelerate placed it)."""
-    if device is not None:
-        device = torch.device(device)
-        if not getattr(model, "hf_device_map", None):
-            model.to(device)
-            return device
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
+    if device is not None and not getattr(model, "hf_device_map", None):
+        model.to(torch.device(device))
+        return torch.device(device)
+    return module_device(model)
 
 
 def _check_windows(windows: torch.Tensor) -> torch.Tensor:
@@ -184,7 +177,7 @@ def _iter_logprobs(
     windows = _check_windows(windows)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    dev = _resolve_device(model, device)
+    dev = _place(model, device)
     was_training = model.training
     model.eval()
     n, seq_len = windows.shape

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from neural_quantization.config import QuantizationConfig
+from neural_quantization.models.shape import read_model_shape
 from neural_quantization.nn.qlinear import QuantLinear
 
 BLOCK = 32
@@ -185,14 +186,6 @@ def layer_blocks(layer: QuantLinear, gguf_type: str, permute_heads: int | None =
 # --------------------------------------------------------------------------------------------------
 
 
-def _config_value(config: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
-
-
 def _rope_theta(config: Any) -> float:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
@@ -204,23 +197,22 @@ def _rope_theta(config: Any) -> float:
 
 def _architecture_kv(config: Any) -> dict[str, tuple[Any, str]]:
     """The ``{arch}.*`` keys llama.cpp reads for a Llama model, from a transformers config."""
-    heads = config.num_attention_heads
-    head_dim = _config_value(config, "head_dim", default=config.hidden_size // heads)
+    shape = read_model_shape(config)
     kv = {
         "context_length": (config.max_position_embeddings, "uint32"),
-        "embedding_length": (config.hidden_size, "uint32"),
-        "block_count": (config.num_hidden_layers, "uint32"),
-        "feed_forward_length": (config.intermediate_size, "uint32"),
-        "attention.head_count": (heads, "uint32"),
-        "attention.head_count_kv": (_config_value(config, "num_key_value_heads", default=heads), "uint32"),
+        "embedding_length": (shape.hidden, "uint32"),
+        "block_count": (shape.layers, "uint32"),
+        "feed_forward_length": (shape.intermediate, "uint32"),
+        "attention.head_count": (shape.heads, "uint32"),
+        "attention.head_count_kv": (shape.kv_heads, "uint32"),
         "rope.freq_base": (_rope_theta(config), "float32"),
         "attention.layer_norm_rms_epsilon": (float(config.rms_norm_eps), "float32"),
-        "rope.dimension_count": (head_dim, "uint32"),
-        "vocab_size": (config.vocab_size, "uint32"),
+        "rope.dimension_count": (shape.head_dim, "uint32"),
+        "vocab_size": (shape.vocab, "uint32"),
     }
-    if head_dim * heads != config.hidden_size:
-        kv["attention.key_length"] = (head_dim, "uint32")
-        kv["attention.value_length"] = (head_dim, "uint32")
+    if shape.head_dim * shape.heads != shape.hidden:
+        kv["attention.key_length"] = (shape.head_dim, "uint32")
+        kv["attention.value_length"] = (shape.head_dim, "uint32")
     return kv
 
 
@@ -254,7 +246,7 @@ def _copy_source_metadata(writer: Any, source: Path, arch: str, config: Any) -> 
         if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 2:
             continue  # nested arrays: none in llama.cpp's keys
         writer.add_key_value(key, value, vtype, sub_type=sub_type)
-    writer.add_uint32(f"{arch}.block_count", config.num_hidden_layers)
+    writer.add_uint32(f"{arch}.block_count", read_model_shape(config).layers)
 
 
 def _tokenizer_metadata(writer: Any, tokenizer: Any, config: Any) -> None:
@@ -272,7 +264,7 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, config: Any) -> None:
             f"BPE model; this one is {model.get('type', type(tokenizer).__name__)!r}). Quantize from the model's "
             ".gguf file (its tokenizer is copied) or convert the tokenizer with llama.cpp's converter."
         )
-    vocab_size = config.vocab_size
+    vocab_size = read_model_shape(config).vocab
     special = set(getattr(tokenizer, "all_special_ids", []))
     added = {t["id"] for t in spec.get("added_tokens", [])}
     tokens, types = [], []
@@ -342,10 +334,9 @@ def export_gguf(
     qtype = getattr(gguf.GGMLQuantizationType, gguf_type)
     file_type = gguf.LlamaFileType.MOSTLY_Q4_0 if gguf_type == "Q4_0" else gguf.LlamaFileType.MOSTLY_Q8_0
 
-    n_layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv_heads = _config_value(config, "num_key_value_heads", default=heads)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    shape = read_model_shape(config)
+    heads, kv_heads = shape.heads, shape.kv_heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, shape.layers)
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -368,7 +359,7 @@ def export_gguf(
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
         quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        tied = bool(getattr(config, "tie_word_embeddings", False))
+        tied = shape.tied_embeddings
         done: set[str] = set()
         for module_name, layer in quantized.items():
             gguf_name = names.get_name(module_name)

@@ -16,7 +16,8 @@ g_idx      int32    (K,)                         group of input column k (``k //
 bias       float16  (N,)                         only where the original layer had a bias
 =========  =======  ===========================  =================================================
 
-and the weight it represents is
+(:func:`gptq_tensor_shapes` gives these shapes and dtypes for a layer, :func:`gptq_layer_bytes`
+their total size) and the weight it represents is
 
     W[n, k] = scales[g_idx[k], n] · (q[k, n] - (stored_zero[g_idx[k], n] + 1))
 
@@ -29,12 +30,43 @@ zero ≥ 1 (see ``core/grid.py``) so ``zero - 1`` never wraps.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from neural_quantization.core.quantized_weight import QuantizedWeight
-from neural_quantization.formats.packing import pack, unpack
+from neural_quantization.core.quantized_weight import QuantizedWeight, num_groups
+from neural_quantization.formats.packing import pack, packed_length, unpack
 
 TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def gptq_tensor_shapes(
+    bits: int, group_size: int, in_features: int, out_features: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{name: (shape, dtype)}`` of the four GPTQ tensors of one (K in, N out) layer (table above).
+
+    Padding included: the packed dimensions hold whole words, so for 3 bits ``qweight`` has
+    ``3 · ceil(K / 32)`` rows (K = 40 -> 6 rows, not ``ceil(3 · 40 / 32)`` = 4).
+    """
+    k, n = in_features, out_features
+    groups = num_groups(k, group_size)
+    return {
+        "qweight": ((packed_length(k, bits), n), torch.int32),
+        "qzeros": ((groups, packed_length(n, bits)), torch.int32),
+        "scales": ((groups, n), torch.float16),
+        "g_idx": ((k,), torch.int32),
+    }
+
+
+def gptq_layer_bytes(bits: int, group_size: int, in_features: int, out_features: int) -> int:
+    """Bytes of one packed GPTQ layer: qweight + qzeros + scales + g_idx (no bias).
+
+    ``4 · packed_length(K, b) · N + 4 · G · packed_length(N, b) + 2 · G · N + 4 · K``; e.g. a
+    4096 × 4096 layer at 4 bits, group 128 (G = 32): 8,388,608 + 65,536 + 262,144 + 16,384 bytes.
+    The one owner of this count: the pre-flight estimate and the deployment report use it.
+    """
+    shapes = gptq_tensor_shapes(bits, group_size, in_features, out_features)
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
 
 
 def to_gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:

@@ -93,12 +93,11 @@ import torch
 from torch import nn
 
 from neural_quantization.config import QuantizationConfig
-from neural_quantization.core.quantized_weight import num_groups
-from neural_quantization.formats.packing import packed_length
+from neural_quantization.formats.gptq import gptq_layer_bytes
+from neural_quantization.formats.units import GIB, MIB, format_bytes
+from neural_quantization.models.shape import read_model_shape, text_config
 from neural_quantization.nn.modules import find_decoder_layers, find_linear_layers
 
-GIB = 1 << 30
-MIB = 1 << 20
 FP32 = 4
 
 #: Host memory of the process itself besides the model: Python, torch, transformers (0.3 GiB after
@@ -267,13 +266,6 @@ class _Shape:
     moe: bool
 
 
-def _text_config(model: nn.Module) -> Any:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        return config.get_text_config()
-    return config
-
-
 def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -312,14 +304,14 @@ def _model_shape(model: nn.Module) -> _Shape:
     non_layer += sum(_tensor_bytes(b) for b in model.buffers() if id(b) not in in_blocks)
     persistent = _persistent_bytes(model, in_blocks)
 
-    config = _text_config(model)
+    config = text_config(getattr(model, "config", None))
     embed = model.get_input_embeddings()
-    hidden = int(getattr(config, "hidden_size", 0) or embed.weight.shape[1])
-    heads = int(getattr(config, "num_attention_heads", 0) or max(1, hidden // 128))
-    kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
-    head_dim = int(getattr(config, "head_dim", 0) or hidden // heads)
-    widest = max((lin.n for lin in layers[0].linears if lin.k == hidden), default=4 * hidden)
-    intermediate = int(getattr(config, "intermediate_size", 0) or widest)
+    # Sizes the config does not give are measured from the modules (models/shape.py reads the rest).
+    vocab, width = embed.weight.shape
+    widest = max((lin.n for lin in layers[0].linears if lin.k == width), default=4 * width)
+    sizes = read_model_shape(config, fallback={
+        "layers": len(layers), "hidden": width, "intermediate": widest, "heads": max(1, width // 128), "vocab": vocab,
+    })
     head = model.get_output_embeddings()
     head_shape = (head.out_features, head.in_features) if isinstance(head, nn.Linear) else None
     tied = head_shape is not None and head.weight is embed.weight
@@ -331,11 +323,11 @@ def _model_shape(model: nn.Module) -> _Shape:
     moe = any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
     return _Shape(
         dtype_bytes=dtype.itemsize,
-        hidden=hidden,
-        intermediate=intermediate,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
+        hidden=sizes.hidden,
+        intermediate=sizes.intermediate,
+        heads=sizes.heads,
+        kv_heads=sizes.kv_heads,
+        head_dim=sizes.head_dim,
         layers=tuple(layers),
         non_layer_bytes=non_layer,
         non_layer_disk_bytes=persistent,
@@ -354,15 +346,8 @@ def _model_shape(model: nn.Module) -> _Shape:
 
 
 def quant_linear_bytes(n: int, k: int, bits: int, group_size: int, bias: bool, dtype_bytes: int) -> int:
-    """Bytes of one QuantLinear's buffers: qweight, qzeros, scales, g_idx (+ bias in the layer dtype)."""
-    groups = num_groups(k, group_size)
-    return (
-        packed_length(k, bits) * n * 4  # qweight int32 (K packed, N)
-        + groups * packed_length(n, bits) * 4  # qzeros int32
-        + groups * n * 2  # scales fp16
-        + k * 4  # g_idx int32
-        + (n * dtype_bytes if bias else 0)
-    )
+    """Bytes of one QuantLinear's buffers: the GPTQ tensors (``formats/gptq.py``) + bias in the layer dtype."""
+    return gptq_layer_bytes(bits, group_size, k, n) + (n * dtype_bytes if bias else 0)
 
 
 def _gptq_workspace(n: int, k: int, block_size: int, on_cuda: bool) -> int:
@@ -893,12 +878,12 @@ def _advice(
         then = sum(_evaluate(streamed)[1].values())
         advice.append(
             f"use --stream-weights: decoder weights are read from disk one layer at a time (host memory "
-            f"{format_bytes(then)} instead of {format_bytes(now)})" + ("" if fits(streamed) else "; not enough alone")
+            f"{_size(then)} instead of {_size(now)})" + ("" if fits(streamed) else "; not enough alone")
         )
     if not device_fits and plan.on_cuda and not plan.activations_on_host:
         offloaded = variant(activations_on_host=True)
         advice.append(
-            f"use --offload-activations: the calibration activations ({format_bytes(2 * plan.activation_bytes())}) "
+            f"use --offload-activations: the calibration activations ({_size(2 * plan.activation_bytes())}) "
             "move to CPU memory" + ("" if fits(offloaded) else "; not enough alone")
         )
     if plan.config.calibration_batch_size > 1:
@@ -915,18 +900,15 @@ def _advice(
         peak, _ = _evaluate(smallest)
         options = "--num-samples 1 --stream-weights" + (" --offload-activations" if plan.on_cuda else "")
         advice.append(
-            f"even with {options} the peak is {format_bytes(peak.total)} at {peak.name}: "
+            f"even with {options} the peak is {_size(peak.total)} at {peak.name}: "
             "this model needs a machine with more memory"
         )
     return advice
 
 
-def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "unknown"
-    if abs(n) >= GIB:
-        return f"{n / GIB:.1f} GiB"
-    return f"{n / MIB:.0f} MiB"
+def _size(n: int | None) -> str:
+    """Sizes in the pre-flight lines: ``formats/units.py``'s form with one GiB decimal ("37.4 GiB")."""
+    return format_bytes(n, gib_decimals=1)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -939,13 +921,13 @@ def _format_seconds(seconds: float) -> str:
 
 def format_estimate(estimate: RunEstimate) -> str:
     """A few lines for the terminal, printed before a long run starts."""
-    device_available = format_bytes(estimate.device_available_bytes)
+    device_available = _size(estimate.device_available_bytes)
     lines = [
         f"Pre-flight estimate ({estimate.device}):",
-        f"  device memory  {format_bytes(estimate.device_peak_bytes)} peak "
+        f"  device memory  {_size(estimate.device_peak_bytes)} peak "
         f"(available {device_available}; peak at {estimate.peak_phase})",
-        f"  host memory    {format_bytes(estimate.host_peak_bytes)} (available {format_bytes(estimate.host_available_bytes)})",
-        f"  disk           {format_bytes(estimate.disk_bytes)} quantized checkpoint",
+        f"  host memory    {_size(estimate.host_peak_bytes)} (available {_size(estimate.host_available_bytes)})",
+        f"  disk           {_size(estimate.disk_bytes)} quantized checkpoint",
         f"  time           ~{_format_seconds(estimate.seconds)} (rough: "
         + ", ".join(f"{k} {_format_seconds(v)}" for k, v in estimate.seconds_breakdown.items() if v >= 0.5)
         + ")",
