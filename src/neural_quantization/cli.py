@@ -454,7 +454,7 @@ def run_deploy_report(args: argparse.Namespace) -> int:
     from neural_quantization.deploy.memory import memory_report
     from neural_quantization.deploy.render import render_memory_report, write_memory_report_json
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths in messages stay on one line, copyable
     report = memory_report(args.source, context=args.context, batch=args.batch, bits=args.bits,
                            group_size=args.group_size, kv_bytes_per_element=args.kv_bytes)
     render_memory_report(report, console)

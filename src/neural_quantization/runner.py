@@ -55,7 +55,7 @@ def _console(console: Any) -> Any:
         return console
     from rich.console import Console
 
-    return Console()
+    return Console(soft_wrap=True)  # paths in messages stay on one line, copyable
 
 
 def run_quantization(options: RunOptions, console: Any = None) -> RunOutcome:
