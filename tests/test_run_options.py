@@ -1,6 +1,7 @@
 """Run options: one owner for every option rule (CLI and Python refuse the same things), the
 ``--config FILE`` reader, and the shipped templates."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,22 @@ def test_config_file_and_flags_give_the_checkpoint_of_the_same_flags_alone(tiny_
     assert by_flags.keys() == by_file.keys() and any(k.endswith(".qweight") for k in by_file)
     for name, tensor in by_flags.items():
         assert torch.equal(tensor, by_file[name]), name
+
+
+def test_run_quantization_from_python_does_what_the_cli_does(tiny_model_dir, text_dir, tmp_path):
+    from neural_quantization import QualityGates, load_quantized, run_quantization
+
+    config = QuantizationConfig(group_size=32, num_samples=4, seq_len=32, target_languages=["en", "fr"])
+    outcome = run_quantization(RunOptions(
+        str(tiny_model_dir), tmp_path / "ckpt", config, calibration_data=text_dir, eval_data=text_dir,
+        eval_seq_len=32, gates=QualityGates(max_degradation=0.0, max_language_degradation=1e9), show_progress=False,
+        report_json=tmp_path / "report.json",
+    ))
+    assert outcome.checkpoint == (tmp_path / "ckpt").resolve() or outcome.checkpoint == tmp_path / "ckpt"
+    assert set(outcome.report["languages"]) == {"en", "fr"}
+    # the gates given in Python are the ones checked, and their verdict is the report's
+    average = outcome.report["gates"]["max_degradation"]
+    assert average["limit"] == 0.0 and outcome.gates_passed == (average["value"] <= 0.0)
+    assert json.loads((tmp_path / "report.json").read_text())["gates_passed"] == outcome.gates_passed
+    assert load_quantized(outcome.checkpoint).config.quantization_config["bits"] == 4
+    assert not (tmp_path / "ckpt.work").exists()  # the work directory is removed once the checkpoint is saved

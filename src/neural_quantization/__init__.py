@@ -7,10 +7,13 @@ Public API::
     model.save_pretrained("out/")
     model = load_quantized("out/")
     fuse_projections(model)  # optional, for serving: q/k/v and gate/up as one matmul each
+
+    # or the whole CLI run (checks, quantize, save, evaluate, report) in one call:
+    outcome = run_quantization(RunOptions("smollm2-135m", "out/", QuantizationConfig(group_size=64)))
 """
 
 from neural_quantization._version import __version__
-from neural_quantization.config import ConfigError, QuantizationConfig
+from neural_quantization.config import ConfigError, EvalOptions, QualityGates, QuantizationConfig, RunOptions
 from neural_quantization.export.checkpoint import load_quantized, save_quantized
 from neural_quantization.nn.fused_projections import fuse_projections
 from neural_quantization.nn.qlinear import QuantLinear
@@ -22,11 +25,18 @@ from neural_quantization.quantizer import (
     Quantizer,
     QwenQuantizer,
 )
+from neural_quantization.runner import RunOutcome, run_evaluation, run_quantization
 
 __all__ = [
     "__version__",
     "ConfigError",
     "QuantizationConfig",
+    "RunOptions",
+    "EvalOptions",
+    "QualityGates",
+    "RunOutcome",
+    "run_quantization",
+    "run_evaluation",
     "Quantizer",
     "MistralQuantizer",
     "LlamaQuantizer",

@@ -19,7 +19,7 @@ Every number in the report is measured (or derived from measured numbers); what 
     worst_language           str
     languages_under_target   int    languages with degradation_pct <= the per-language gate limit
     mean_kl_divergence       float  mean over languages of kl_divergence (nats)
-    gates                    dict   see evaluation.gates.evaluate_gates; "gates_passed": bool | None
+    gates                    dict   see reporting.gates.evaluate_gates; "gates_passed": bool | None
     layers                   list   per quantized linear: name, shape, method, loss, damp_percent, seconds
     warnings                 list   e.g. group sizes that some serving kernels cannot run
     environment              dict   python / torch / transformers / neural-quantization versions,
