@@ -40,6 +40,7 @@ from neural_quantization.core.rtn import rtn_quantize
 from neural_quantization.formats.packing import pack
 from neural_quantization.bench.kernels import environment
 from neural_quantization.nn.fused_projections import fuse_projections
+from neural_quantization.kernels.timing import median_event_us
 from neural_quantization.nn.qlinear import QuantLinear
 
 
@@ -186,16 +187,8 @@ def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, m
         out = step()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(steps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / 1000.0 / steps)
-    step_s = statistics.median(times)
+    replay = graph.replay  # one step per replay; ``steps`` replays per timed run
+    step_s = median_event_us(lambda: [replay() for _ in range(steps)], repeats) / 1e6 / steps
     finite = bool(torch.isfinite(out.float()).all())
     result = {
         "batch": batch, "prompt_len": prompt_len, "max_cache_len": max_cache_len,

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import statistics
 from collections.abc import Callable, Sequence
 
 import torch
@@ -37,7 +36,7 @@ import torch
 from neural_quantization.formats.packing import pack
 from neural_quantization.kernels import ops
 from neural_quantization.kernels.reference import quant_linear_reference
-from neural_quantization.kernels.timing import time_in_graph
+from neural_quantization.kernels.timing import median_event_us, time_in_graph
 
 MISTRAL_7B_SHAPES: dict[str, tuple[int, int]] = {
     "qkv": (4096, 6144),
@@ -102,16 +101,12 @@ def time_eager(fns: Sequence[Callable[[], object]], calls: int, repeats: int) ->
     for fn in fns:
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def launch_all() -> None:
         for i in range(calls):
             fns[i % len(fns)]()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / calls)
-    return statistics.median(times)
+
+    return median_event_us(launch_all, repeats) / calls
 
 
 def _copies(bytes_per_copy: int, calls: int) -> int:

@@ -280,6 +280,7 @@ def generate_calibration_texts(
     return texts
 
 
+# Repeats generate_calibration_texts' parameters on purpose: a thin wrapper with the same call.
 def self_generated_calibration(
     model: Any,
     tokenizer: Any,

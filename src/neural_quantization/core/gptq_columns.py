@@ -77,6 +77,7 @@ def _gptq_columns_kernel(
     tl.store(codes_ptr + rows[:, None] * stride_codes + cols[None, :], codes, mask=in_segment)
 
 
+# Same parameters as core.gptq.quantize_columns_torch on purpose: this is its Triton specialisation.
 def quantize_columns(
     block: torch.Tensor,
     errors: torch.Tensor,

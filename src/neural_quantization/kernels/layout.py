@@ -51,6 +51,7 @@ def supports(bits: int) -> bool:
     return bits in KERNEL_BITS
 
 
+# Takes the GPTQ tensors as reference.dequantize_gptq does: both read the checkpoint's layout.
 def prepare_kernel_layout(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,

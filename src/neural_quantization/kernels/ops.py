@@ -75,6 +75,7 @@ def _use_kernels(x: torch.Tensor, bits: int, backend: str) -> bool:
     return runnable and x.device.type == "cuda" and kernels_available("cuda")
 
 
+# Same parameters as reference.quant_linear_reference on purpose: the reference is this function's oracle.
 def quant_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -117,6 +118,7 @@ def prepared_plan(kernel_qweight, qzeros, scales, perm, bias, bits, group_size, 
     return PreparedMatmul(kernel_qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
 
 
+# Flat tensor arguments on purpose (here, gptq_matmul, dispatch.launch): a torch custom op's schema cannot take a dataclass.
 def quant_linear_prepared(
     x: torch.Tensor,
     kernel_qweight: torch.Tensor,

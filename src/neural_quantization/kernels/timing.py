@@ -30,13 +30,19 @@ def time_in_graph(
     for _ in range(warmup_replays):
         graph.replay()
     torch.cuda.synchronize()
+    per_call = median_event_us(graph.replay, repeats) / calls
+    del graph
+    return per_call
+
+
+def median_event_us(run: Callable[[], object], repeats: int) -> float:
+    """Median µs of ``run()`` over ``repeats`` runs, each timed on the GPU between two CUDA events."""
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / calls)
-    del graph
+        times.append(start.elapsed_time(end) * 1000.0)
     return statistics.median(times)

@@ -203,6 +203,7 @@ def _solve_nested(
     return (narrow_qw, reports[0]), (wide_qw, reports[1])
 
 
+# Same signature as sequential_cascade on purpose: the pipeline calls either mode alike.
 @torch.no_grad()
 def nested_cascade(
     model: nn.Module,

@@ -83,6 +83,7 @@ struct Act<__half> {
   }
 };
 template <>
+// Same as Act<__half> with the bf16 conversions: a specialisation on purpose.
 struct Act<__nv_bfloat16> {
   static __device__ __forceinline__ float load(const void* p, int64_t i) {
     return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
@@ -338,6 +339,7 @@ __global__ void __launch_bounds__(256) gemv_int4_kernel(const Params p) {
     return;
   }
 
+  // Split-K ticket reduction as in mma_int4.cuh, inlined per kernel on purpose: the tile indexing differs.
   for (int idx = threadIdx.x; idx < outputs; idx += blockDim.x) {
     const int m = idx / kTileN;
     const int c = idx - m * kTileN;
@@ -453,6 +455,7 @@ at::Tensor gemv_int4(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Te
   }
   const nq_cuda::Bias bias_arg = nq_cuda::prepare_bias(bias, N);
 
+  // Params filled field by field as in mma_int4.cu: each extension has its own Params struct.
   Params p;
   p.x = x.data_ptr();
   p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());

@@ -105,6 +105,7 @@ struct Ops<__half> {
 };
 
 template <>
+// Same as Ops<__half> but for the bf16 mma instruction and magic number: a specialisation on purpose.
 struct Ops<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x43004300u;  // (128, 128)
@@ -581,6 +582,7 @@ __global__ void __launch_bounds__(256) mma_int4_kernel(const Params p) {
     return;
   }
 
+  // Split-K ticket reduction as in gemv_int4.cu, inlined per kernel on purpose: the tile indexing differs.
   for (int idx = threadIdx.x; idx < outputs; idx += blockDim.x) {
     const int m = idx / kTileN;
     const int n = n_base + (idx % kTileN);

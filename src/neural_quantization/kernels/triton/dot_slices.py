@@ -66,6 +66,7 @@ def dot_slices_kernel(
     P: tl.constexpr = 32 // BITS
     BLOCK_K: tl.constexpr = ROWS * P
     dtype = x_ptr.dtype.element_ty
+    # Tile prologue repeated in each kernel on purpose: every kernel is its own specialisation.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -117,6 +118,7 @@ def dot_slices_kernel(
                 x2, x6 = _halves(e1)
                 x1, x5 = _halves(o0)
                 x3, x7 = _halves(o1)
+                # Unrolled on purpose: Triton cannot index a tuple of register tensors with a loop variable.
                 acc = _slot_product(words, 0, x0, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,
                                     DOT_IN_FP32, SWAP)
                 acc = _slot_product(words, 1, x1, acc, zeros_b, dtype, BITS, HALF_MAGIC, HALF_MAGIC_VALUE,

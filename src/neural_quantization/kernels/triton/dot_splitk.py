@@ -45,6 +45,7 @@ def dot_splitk_kernel(
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = BLOCK_K // PER_WORD
     dtype = x_ptr.dtype.element_ty
+    # Tile prologue repeated in each kernel on purpose: every kernel is its own specialisation.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)

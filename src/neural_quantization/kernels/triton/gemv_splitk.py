@@ -32,6 +32,7 @@ from neural_quantization.kernels.triton.common import (
 
 
 @triton.jit
+# Same launch signature as dot_splitk_kernel on purpose: dispatch.launch calls every kernel alike.
 def gemv_splitk_kernel(
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, bias_ptr, out_ptr, partial_ptr, ticket_ptr,
     M, N, K, stride_xm, stride_om, group_size, tiles_per_split, split_k,
