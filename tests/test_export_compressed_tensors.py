@@ -87,6 +87,40 @@ def test_asymmetric_export_round_trips_zero_points(tmp_path):
     assert (theirs - ours).abs().max() < 2e-3 * ours.abs().max()
 
 
+@pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, False)])
+def test_our_loader_reads_our_export_back_exactly(bits, sym, tmp_path):
+    """load_quantized reads compressed-tensors: the same codes, zeros and fp16 scales as the model exported."""
+    from neural_quantization import load_quantized
+
+    model, ids = quantized_llama(bits, sym=sym, method="rtn")
+    path = export_compressed_tensors(model, tmp_path / "ct")
+    loaded = load_quantized(path, dtype=torch.float32)
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            assert torch.equal(loaded.get_submodule(name).dequantize_weight(), layer.dequantize_weight()), name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids[:2]).logits, model.float()(ids[:2]).logits, rtol=0, atol=0)
+    # re-saved, it is an ordinary GPTQ checkpoint that loads again
+    again = load_quantized(loaded.save_pretrained(tmp_path / "gptq"), dtype=torch.float32)
+    quant = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "gptq" and quant["converted_from"]["quant_method"] == "compressed-tensors"
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids[:2]).logits, loaded(ids[:2]).logits, rtol=0, atol=0)
+
+
+def test_activation_quantized_checkpoints_are_refused_with_the_reason(tmp_path):
+    from neural_quantization import load_quantized
+    from neural_quantization.formats.integrity import CheckpointError
+
+    model, _ = quantized_llama(4, sym=True, method="rtn")
+    path = export_compressed_tensors(model, tmp_path / "ct")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int"}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="weight-only"):
+        load_quantized(path)
+
+
 @pytest.mark.parametrize(
     "changes, reason",
     [

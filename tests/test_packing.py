@@ -89,3 +89,17 @@ def test_gptq_layer_bytes_is_the_packed_tensors_byte_count(bits, in_features, ou
     tensors = to_gptq_tensors(qw)
     assert {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()} == gptq_tensor_shapes(bits, group_size, k, n)
     assert gptq_layer_bytes(bits, group_size, k, n) == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gptq_v2_zeros_round_trip_and_a_zero_of_zero_is_refused(bits):
+    from neural_quantization.formats.gptq import zeros_from_v2, zeros_to_v2
+
+    zeros = torch.randint(1, 1 << bits, (3, 64), generator=torch.Generator().manual_seed(bits))
+    v1 = pack(zeros - 1, bits, dim=1)
+    v2 = zeros_to_v2(v1, bits, 64)
+    assert torch.equal(unpack(v2, bits, 64, dim=1), zeros)  # v2 stores the zero itself
+    assert torch.equal(zeros_from_v2(v2, bits, 64), v1)
+    zeros[1, 5] = 0
+    with pytest.raises(ValueError, match="zero points are 0"):
+        zeros_from_v2(pack(zeros, bits, dim=1), bits, 64)

@@ -289,14 +289,14 @@ def run_evaluation(options: EvalOptions, console: Any = None) -> RunOutcome:
     from neural_quantization.calibration.sources import load_language_texts
     from neural_quantization.checks import check_devices
     from neural_quantization.evaluation import all_passed, evaluate_gates, evaluate_languages
-    from neural_quantization.export.checkpoint import load_quantized, validate_checkpoint
+    from neural_quantization.export.checkpoint import load_quantized, read_quantization_config
     from neural_quantization.models.loading import load_model, resolve_model
     from neural_quantization.reporting.report import build_report
     from neural_quantization.reporting.terminal import render_languages, render_summary
 
     console = _console(console)
     check_devices(options.device)
-    quant = validate_checkpoint(options.model).quantization_config  # a broken checkpoint fails before any work
+    quant = read_quantization_config(options.model)  # a broken checkpoint fails before any work
     record = quant.get("neural_quantization", {})
     baseline = options.baseline or record.get("base_model")
     if not baseline:

@@ -1,4 +1,5 @@
-"""Save and load quantized checkpoints (GPTQ-compatible, ``checkpoint_format: "gptq"``).
+"""Save and load quantized checkpoints (GPTQ: ``checkpoint_format`` ``gptq`` for symmetric grids,
+``gptq_v2`` for asymmetric ones, see ``formats/gptq.py``); load compressed-tensors ones too.
 
 A checkpoint directory holds
 
@@ -10,7 +11,7 @@ A checkpoint directory holds
   Tied weights are stored once (transformers re-ties them on load).
 * ``config.json``: the model's config plus ``quantization_config``::
 
-      {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": 4, "group_size": 128,
+      {"quant_method": "gptq", "checkpoint_format": "gptq" (or "gptq_v2"), "bits": 4, "group_size": 128,
        "desc_act": false, "sym": true, "static_groups": false, "true_sequential": true,
        "damp_percent": 0.01, "lm_head": false, "pack_dtype": "int32",
        "meta": {"quantizer": ["neural-quantization:0.1.0"]},
@@ -60,8 +61,13 @@ from torch import nn
 
 from neural_quantization._version import __version__
 from neural_quantization.config import QuantizationConfig
+from neural_quantization.export.compressed_tensors_reader import (
+    gptq_view_of_config,
+    is_compressed_tensors,
+    read_compressed_tensors,
+)
 from neural_quantization.export.directories import check_output_dir, staged_directory
-from neural_quantization.formats.gptq import TENSOR_NAMES
+from neural_quantization.formats.gptq import TENSOR_NAMES, checkpoint_format, zeros_from_v2, zeros_to_v2
 from neural_quantization.formats.integrity import (
     DTYPE_BYTES,
     FLOAT_DTYPES,
@@ -105,7 +111,7 @@ def gptq_quantization_config(
         stored_bits, sym = config.cascade_stages[0], False  # wide zero points are 16·z + 8, not 2**(bits-1)
     return {
         "quant_method": "gptq",
-        "checkpoint_format": "gptq",
+        "checkpoint_format": checkpoint_format(sym),
         "bits": stored_bits,
         "group_size": config.group_size,
         # Loaders read desc_act as "g_idx may reorder the groups" and pick slower kernels for it; with
@@ -151,12 +157,25 @@ def gptq_scale_names(model: nn.Module) -> set[str]:
     return {f"{name}.scales" for name, module in model.named_modules() if isinstance(module, QuantLinear)}
 
 
+def stored_checkpoint_format(model: nn.Module) -> str:
+    """``checkpoint_format`` of the model's ``quantization_config`` (``gptq`` when it names none)."""
+    quant = getattr(model.config, "quantization_config", None)
+    fmt = quant.get("checkpoint_format") if isinstance(quant, dict) else getattr(quant, "checkpoint_format", None)
+    return fmt or "gptq"
+
+
 def _stored_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
     """``(name, tensor, dtype it is stored in)``: unquantized float tensors (embeddings, norms, biases,
-    ``lm_head``) in :func:`checkpoint_dtype`; the GPTQ tensors (fp16 ``scales`` included) as they are."""
+    ``lm_head``) in :func:`checkpoint_dtype`; the GPTQ tensors (fp16 ``scales`` included) as they are,
+    but ``qzeros`` in v2 (``zeros_to_v2``) when the checkpoint format is ``gptq_v2``."""
     dtype = checkpoint_dtype(model)
     gptq = gptq_scale_names(model)
+    v2_zeros = {}
+    if stored_checkpoint_format(model) == "gptq_v2":
+        v2_zeros = {f"{name}.qzeros": m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     for name, tensor in unique_state_items(model):
+        if name in v2_zeros and not tensor.is_meta:  # streamed layers are converted from their files
+            tensor = zeros_to_v2(tensor, v2_zeros[name].bits, v2_zeros[name].out_features)
         cast = dtype is not None and tensor.is_floating_point() and name not in gptq
         yield name, tensor, dtype if cast else tensor.dtype
 
@@ -229,6 +248,7 @@ def save_streamed(
             f"work directory {work_dir.path} lacks layers {missing[:5]}; finish the run (resume it) before saving."
         )
     rest = checkpoint_tensors(model, skip_prefix=layers_name + ".")
+    v2_bits = model.config.quantization_config["bits"] if stored_checkpoint_format(model) == "gptq_v2" else None
     count = len(layers) + 1
     shard_names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     weight_map: dict[str, str] = {}
@@ -236,7 +256,7 @@ def save_streamed(
     with staged_directory(target) as staging:
         for index in range(len(layers)):
             source, shard = work_dir.layer_file(index), staging / shard_names[index]
-            _store_layer_file(source, shard, checkpoint_dtype(model))
+            _store_layer_file(source, shard, checkpoint_dtype(model), v2_bits)
             with safe_open(str(shard), framework="pt") as f:
                 for name in f.keys():
                     weight_map[name] = shard_names[index]
@@ -254,23 +274,29 @@ def save_streamed(
 
 
 
-def _store_layer_file(source: Path, shard: Path, dtype: torch.dtype | None) -> None:
-    """A work directory's layer file as a checkpoint shard: hard-linked (or copied) when its float
-    tensors are already in the checkpoint dtype, else rewritten with them cast (one layer in memory)."""
+def _store_layer_file(source: Path, shard: Path, dtype: torch.dtype | None, v2_bits: int | None = None) -> None:
+    """A work directory's layer file as a checkpoint shard: hard-linked (or copied) when it is stored
+    as it is, else rewritten (one layer in memory) with its float tensors cast to ``dtype`` and, with
+    ``v2_bits`` (a ``gptq_v2`` checkpoint), its ``qzeros`` converted from the in-memory v1 layout."""
     with safe_open(str(source), framework="pt") as f:
         recast = {name for name in f.keys() if dtype is not None and name.rsplit(".", 1)[-1] not in TENSOR_NAMES
                   and f.get_slice(name).get_dtype() in FLOAT_DTYPES
                   and f.get_slice(name).get_dtype() != _SAFETENSORS_DTYPE[dtype]}
-        if recast:
+        zeros = {name for name in f.keys() if v2_bits is not None and name.endswith(".qzeros")}
+        if recast or zeros:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    if not recast:
+    if not recast and not zeros:
         try:
             os.link(source, shard)
         except OSError:  # another file system, or links not allowed
             shutil.copyfile(source, shard)
         return
-    save_file({name: t.to(dtype) if name in recast else t for name, t in tensors.items()}, str(shard),
-              metadata={"format": "pt"})
+    for name in recast:
+        tensors[name] = tensors[name].to(dtype)
+    for name in zeros:
+        out_features = tensors[name[: -len("qzeros")] + "scales"].shape[1]
+        tensors[name] = zeros_to_v2(tensors[name], v2_bits, out_features)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
 
 
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -292,7 +318,11 @@ def attach_save_pretrained(model: nn.Module, tokenizer: Any = None, work_dir: Wo
 
 
 def read_quantization_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``quantization_config`` of a checkpoint directory, after :func:`validate_checkpoint`."""
+    """The ``quantization_config`` of a checkpoint directory that :func:`load_quantized` reads, after
+    :func:`validate_checkpoint`; for compressed-tensors checkpoints its GPTQ equivalent
+    (``export/compressed_tensors_reader.py``)."""
+    if is_compressed_tensors(checkpoint_dir):
+        return gptq_view_of_config(checkpoint_dir)
     return validate_checkpoint(checkpoint_dir).quantization_config
 
 
@@ -369,7 +399,10 @@ def load_quantized(
     cascade checkpoint (e.g. 4 for stages [8, 4]) loads its narrow read, derived exactly from the
     stored tensors (see the module docstring). Any other value raises :class:`CheckpointError`.
 
-    The directory is checked first (:func:`validate_checkpoint`). The model is built from
+    Reads GPTQ checkpoints (``gptq`` and ``gptq_v2``; ours, GPTQModel's, AutoGPTQ's) and
+    compressed-tensors ``pack-quantized`` ones (ours, llm-compressor's; converted to GPTQ tensors,
+    ``export/compressed_tensors_reader.py``). A GPTQ directory is checked first
+    (:func:`validate_checkpoint`). The model is built from
     ``config.json`` in ``dtype`` (default: the checkpoint's ``dtype``, the one its unquantized tensors
     are stored in), every module with a ``qweight`` tensor is replaced by a :class:`QuantLinear`, and
     the tensors are loaded as saved (unquantized floats cast to ``dtype``, which is exact from 16 bits
@@ -379,11 +412,16 @@ def load_quantized(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(checkpoint_dir)
-    quant = validate_checkpoint(path).quantization_config
-    weights = CheckpointWeights(path)
+    converted = is_compressed_tensors(path)
+    if converted:  # converted to v1 GPTQ tensors in memory; a re-save writes a GPTQ checkpoint
+        quant, state = read_compressed_tensors(path)
+    else:
+        quant = validate_checkpoint(path).quantization_config
+        weights = CheckpointWeights(path)
+        state = weights.read(weights.names())
 
     config = AutoConfig.from_pretrained(path)
-    saved_quant = config.quantization_config
+    saved_quant = quant if converted else config.quantization_config
     del config.quantization_config  # build a plain model; the quantized layers are swapped in below
     stored_dtype = getattr(config, "dtype", None)
     model_dtype = dtype or stored_dtype or torch.float32
@@ -393,12 +431,13 @@ def load_quantized(
     config.quantization_config = saved_quant
     config.dtype = stored_dtype  # what a re-save stores, whatever dtype this copy runs in
 
-    names = weights.names()
-    state = weights.read(names)
+    names = list(state)
     gptq_scales = {key[: -len(".qweight")] + ".scales" for key in names if key.endswith(".qweight")}
     for name, tensor in state.items():
         if tensor.is_floating_point() and name not in gptq_scales and tensor.dtype != model_dtype:
             state[name] = tensor.to(model_dtype)
+    if quant.get("checkpoint_format") == "gptq_v2" and not converted:
+        _zeros_v2_to_v1(state, quant["bits"], path)
     load_bits = _bits_to_load(quant, bits, path)
     if load_bits != quant["bits"]:
         for name in [key[: -len(".qweight")] for key in names if key.endswith(".qweight")]:
@@ -416,6 +455,18 @@ def load_quantized(
     model.to(device)
     model.eval()
     return attach_save_pretrained(model)
+
+
+def _zeros_v2_to_v1(state: dict[str, torch.Tensor], bits: int, path: Path) -> None:
+    """``qzeros`` of a ``gptq_v2`` checkpoint in the v1 layout that ``QuantLinear`` holds, in place."""
+    for name in [key for key in state if key.endswith(".qzeros")]:
+        out_features = state[name[: -len("qzeros")] + "scales"].shape[1]
+        try:
+            state[name] = zeros_from_v2(state[name], bits, out_features)
+        except ValueError as err:
+            raise CheckpointError(
+                f"{path}: {name}: {err}. Re-quantize with neural-quantize, or load the checkpoint with GPTQModel."
+            ) from None
 
 
 def _bits_to_load(quant: dict[str, Any], bits: int | None, path: Path) -> int:

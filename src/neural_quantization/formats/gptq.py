@@ -26,6 +26,14 @@ with ``checkpoint_format: gptq``, what vLLM's and transformers' GPTQ loaders rea
 point *minus one* and add the one back when loading. Symmetric 4-bit groups therefore store 7 in
 every nibble (``qzeros`` words of ``0x77777777``) and dequantize with zero 8. Our grid keeps every
 zero ≥ 1 (see ``core/grid.py``) so ``zero - 1`` never wraps.
+
+**``gptq_v2``** (GPTQModel's own format) stores the zero point itself, without the minus one:
+``W = scales · (q - stored_zero)``. Asymmetric checkpoints are written in it
+(:func:`checkpoint_format`): GPTQModel refuses asymmetric ``gptq`` (v1) checkpoints that it did not
+produce, while it, vLLM (``checkpoint_format: gptq_v2``, since late 2025) and transformers (through
+GPTQModel) read v2 natively. Symmetric checkpoints stay v1, which every GPTQ reader knows.
+In memory (``QuantLinear``, the kernels) the tensors are always v1: :func:`zeros_from_v2` and
+:func:`zeros_to_v2` convert ``qzeros`` at load and save.
 """
 
 from __future__ import annotations
@@ -38,6 +46,34 @@ from neural_quantization.core.quantized_weight import QuantizedWeight, num_group
 from neural_quantization.formats.packing import pack, packed_length, unpack
 
 TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+
+
+def checkpoint_format(sym: bool) -> str:
+    """The ``checkpoint_format`` we write: ``gptq`` (v1) for symmetric grids, ``gptq_v2`` for
+    asymmetric ones (see the module docstring for which readers need which)."""
+    return "gptq" if sym else "gptq_v2"
+
+
+def zeros_to_v2(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """v1 ``qzeros`` (zero − 1 packed along N) → v2 (the zero itself). Needs zeros ≤ 2**bits − 1,
+    which a v1 tensor always holds (its stored values are ≤ 2**bits − 1 − 1 for our grids)."""
+    zeros = unpack(qzeros, bits, out_features, dim=1) + 1
+    if int(zeros.max()) > (1 << bits) - 1:
+        raise ValueError(f"a v1 zero point of {int(zeros.max())} does not fit {bits} bits in gptq_v2")
+    return pack(zeros, bits, dim=1)
+
+
+def zeros_from_v2(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """v2 ``qzeros`` (the zero itself) → the v1 tensors ``QuantLinear`` and the kernels read.
+
+    Raises ValueError for a zero point of 0, which v1 cannot hold (it would be stored as −1 and
+    read back as 2**bits); our grids never produce one."""
+    zeros = unpack(qzeros, bits, out_features, dim=1)
+    if int(zeros.min()) < 1:
+        count = int((zeros < 1).sum())
+        raise ValueError(f"{count} zero points are 0; the v1 layout our kernels read needs zero points >= 1")
+    return pack(zeros - 1, bits, dim=1)
 
 
 def gptq_tensor_shapes(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from neural_quantization.config import SUPPORTED_BITS
-from neural_quantization.formats.gptq import TENSOR_NAMES
+from neural_quantization.formats.gptq import CHECKPOINT_FORMATS, TENSOR_NAMES
 from neural_quantization.formats.packing import packed_length
 
 __all__ = ["CheckpointError", "CheckpointInventory", "TensorEntry", "inspect_checkpoint", "read_safetensors_header"]
@@ -158,9 +158,10 @@ def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     quant = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(quant, dict) or quant.get("quant_method") != "gptq":
         raise CheckpointError(f"{path} is not a GPTQ checkpoint (config.json has no gptq quantization_config).")
-    if quant.get("checkpoint_format", "gptq") != "gptq":
+    if quant.get("checkpoint_format", "gptq") not in CHECKPOINT_FORMATS:
         raise CheckpointError(
-            f"{path} uses checkpoint_format={quant.get('checkpoint_format')!r}; only 'gptq' is supported."
+            f"{path} uses checkpoint_format={quant.get('checkpoint_format')!r}; "
+            f"GPTQ checkpoints in {' or '.join(CHECKPOINT_FORMATS)} are supported."
         )
     return config, quant
 
