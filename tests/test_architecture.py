@@ -19,7 +19,7 @@ LAYERS = [
     ["models"],
     ["export"],
     ["calibration", "reporting"],
-    ["evaluation"],
+    ["evaluation", "generation"],
     ["deploy"],
     ["checks"],
     ["quantizer", "bench"],

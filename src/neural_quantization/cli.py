@@ -15,6 +15,7 @@ Exit codes: 0 success, 2 bad input (the message says how to fix it), 3 a quality
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     from neural_quantization._version import __version__
 
     parser.add_argument("--version", action="version", version=f"neural-quantization {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,bench,deploy-report}")
+    sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,generate,bench,deploy-report}")
 
     q = sub.add_parser("quantize", help="quantize a model and save a GPTQ checkpoint", formatter_class=_Formatter)
     q.add_argument("--model-name", required=True,
@@ -213,6 +214,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--trust-remote-code", action="store_true", help="run the baseline model's own Python code")
     _add_eval_options(e, "directory of {lang}.eval.txt / {lang}.txt files (required)")
+
+    g = sub.add_parser("generate", formatter_class=_Formatter,
+                       help="generate text with a quantized checkpoint or a float model; prints tokens/s, time to "
+                            "first token and peak memory")
+    g.add_argument("--model", required=True,
+                   help="quantized checkpoint directory (ours, GPTQModel's, llm-compressor's) or a float model "
+                        "(alias, directory, .gguf file, Hugging Face id)")
+    g.add_argument("--prompt", action="append", default=None, help="a prompt; repeat for several")
+    g.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    g.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: all at once)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on the CPU), float16, "
+                                                   "bfloat16 or float32")
+    g.add_argument("--mode", default="auto", help="auto (graphs on a GPU, eager on the CPU), graphs, static or eager")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step before capturing it")
+    g.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate matmuls")
+    g.add_argument("--no-stop-at-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    g.add_argument("--json", default=None, metavar="PATH", help="also write the texts and measurements as JSON")
+    g.add_argument("--trust-remote-code", action="store_true", help="run the model's own Python code")
 
     # The benchmarks own their options (bench/kernels.py, bench/decode.py);
     # `neural-quantize bench --help` and `neural-quantize bench decode --help` list them.
@@ -463,15 +487,49 @@ def run_deploy_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_generate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from neural_quantization.generation import GenerationError, generate
+    from neural_quantization.generation.session import load_for_generation, render_generation
+    from neural_quantization.nn.modules import resolve_device
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise GenerationError(f"--prompts-file {path} does not exist; give a text file with one prompt per line.")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise GenerationError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE.")
+    console = Console(soft_wrap=True)  # paths in messages stay on one line, copyable
+    device = resolve_device(args.device)
+    model, tokenizer, kind = load_for_generation(args.model, device, args.dtype, args.trust_remote_code)
+    result = generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.batch_size,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, mode=args.mode,
+                      compile_step=args.compile, fuse=not args.no_fuse, stop_at_eos=not args.no_stop_at_eos)
+    render_generation(result, prompts, kind, console)
+    if args.json:
+        data = {"model": str(args.model), "kind": kind, "prompts": prompts, **result.to_dict()}
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        console.print(f"JSON written to {args.json}")
+    return 0
+
+
 def run_bench(bench_args: list[str]) -> int:
     """Hand the arguments to the benchmark, which owns its options: ``bench decode …`` the end-to-end
-    decode benchmark (``bench/decode.py``), otherwise the kernel benchmark (``bench/kernels.py``)."""
+    decode benchmark (``bench/decode.py``), ``bench generate …`` ``generate`` against fp16 and eager
+    transformers (``bench/generate.py``), otherwise the kernel benchmark (``bench/kernels.py``)."""
     import torch
 
     if bench_args[:1] == ["decode"]:
         from neural_quantization.bench import decode as benchmark
 
         name, bench_args = "the decode benchmark", bench_args[1:]
+    elif bench_args[:1] == ["generate"]:
+        from neural_quantization.bench import generate as benchmark
+
+        name, bench_args = "the generate benchmark", bench_args[1:]
     else:
         from neural_quantization.bench import kernels as benchmark
 
@@ -500,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_deploy_report(args)
         if args.command == "eval":
             return run_eval(args)
+        if args.command == "generate":
+            return run_generate(args)
         return run_bench(args.bench_args)
     except _user_errors() as err:
         print(f"neural-quantize: error: {_one_line(err)}", file=sys.stderr)

@@ -40,6 +40,7 @@ from neural_quantization.core.rtn import rtn_quantize
 from neural_quantization.formats.packing import pack
 from neural_quantization.bench.kernels import environment
 from neural_quantization.nn.fused_projections import fuse_projections
+from neural_quantization.generation.loop import cache_counters, rewind_cache
 from neural_quantization.kernels.timing import median_event_us
 from neural_quantization.nn.qlinear import QuantLinear
 
@@ -157,6 +158,11 @@ def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, m
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - started
     ids = logits[:, -1:].argmax(-1)
+    if prompt_len + steps > max_cache_len:
+        raise ValueError(f"--prompt-len {prompt_len} + --steps {steps} exceed --max-cache-len {max_cache_len}.")
+    # Newer transformers advance the static cache's own position counter in every forward; every
+    # timed run starts again from the prompt's end (a few tiny copies per run of ``steps`` steps).
+    counters = cache_counters(cache)
     position = torch.full((batch, 1), prompt_len, device=device, dtype=torch.long)
     cache_position = torch.tensor([prompt_len], device=device, dtype=torch.long)
 
@@ -164,7 +170,9 @@ def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, m
     # torch.compile, for both precisions alike; the kernels of the quantized layers stay ours (custom op).
     forward = torch.compile(model.forward, dynamic=False) if compile_step else model
 
-    def step():
+    def step(rewind: bool = True):
+        if rewind:  # eager calls start from the prompt's end; the captured step advances (timed_run rewinds)
+            rewind_cache(cache, counters)  # noqa: F821 (deleted only after the last call)
         return forward(input_ids=ids, position_ids=position, past_key_values=cache, use_cache=True,  # noqa: F821 (deleted only after the last call)
                        cache_position=cache_position).logits
 
@@ -184,11 +192,18 @@ def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, m
     torch.cuda.reset_peak_memory_stats()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = step()
+        out = step(rewind=False)
+    rewind_cache(cache, counters)
     graph.replay()
     torch.cuda.synchronize()
     replay = graph.replay  # one step per replay; ``steps`` replays per timed run
-    step_s = median_event_us(lambda: [replay() for _ in range(steps)], repeats) / 1e6 / steps
+
+    def timed_run() -> None:
+        rewind_cache(cache, counters)  # noqa: F821 (deleted only after the last call)
+        for _ in range(steps):
+            replay()
+
+    step_s = median_event_us(timed_run, repeats) / 1e6 / steps
     finite = bool(torch.isfinite(out.float()).all())
     result = {
         "batch": batch, "prompt_len": prompt_len, "max_cache_len": max_cache_len,
@@ -201,6 +216,7 @@ def decode_speed(model, batch: int, prompt_len: int, steps: int, repeats: int, m
         "compiled": compile_step,
     }
     if profile_step:
+        rewind_cache(cache, counters)
         result["profile"] = profile_graph(graph, steps, step_s * 1000.0)
     del graph, cache, out
     gc.collect()

@@ -146,6 +146,38 @@ def _import_datasets(spec: str) -> None:
         ) from None
 
 
+def check_hub_dataset(dataset_id: str) -> None:
+    """Fail fast, with one attempt and a clear message, when hub dataset ``dataset_id`` cannot be read:
+    in offline mode it must be in the local cache; otherwise one metadata request (10 s time-out)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    offline = constants.HF_HUB_OFFLINE or any(
+        os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    how = "pass a local file or a directory of {lang}.calib.txt files instead"
+    if offline:
+        if isinstance(try_to_load_from_cache(dataset_id, "README.md", repo_type="dataset"), str):
+            return
+        raise CalibrationDataError(
+            f"{dataset_id!r} looks like a Hugging Face dataset id (read with the `datasets` package), but offline "
+            f"mode is on and it is not in the local cache; unset HF_HUB_OFFLINE to download it, or {how}.")
+    try:
+        HfApi().dataset_info(dataset_id, timeout=10)
+    except GatedRepoError:
+        raise CalibrationDataError(
+            f"{dataset_id} is a gated dataset: accept its terms on its hub page and log in (`hf auth login`), "
+            f"or {how}.") from None
+    except RepositoryNotFoundError:
+        raise CalibrationDataError(
+            f"The Hugging Face hub has no dataset {dataset_id!r} (read with the `datasets` package; or it is private: "
+            f"log in with `hf auth login`). Check the path and the id, or {how}.") from None
+    except Exception as err:  # network errors of any HTTP client: one attempt, then a clear message
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise CalibrationDataError(
+            f"{dataset_id!r} is not a local path, and reading it as a Hugging Face dataset (with the `datasets` "
+            f"package) failed: the hub could not be reached ({first[:160]}). Check the path, or {how}.") from None
+
+
 def _from_hf(spec: str, languages: list[str] | None, split: str) -> dict[str, list[str]]:
     """``<dataset_id>[:config][:split]``; the first string column (``text`` preferred) is used."""
     _import_datasets(spec)
@@ -236,9 +268,11 @@ def check_language_source(source: CalibrationSource, languages: Sequence[str] | 
     """Fail now, before any model loads, when ``source`` cannot give text for ``languages``.
 
     Local files and Python objects are read and checked as :func:`load_language_texts` does; a
-    Hugging Face dataset (network) is only checked for the ``datasets`` package.
+    Hugging Face dataset needs the ``datasets`` package and must be reachable
+    (:func:`check_hub_dataset`).
     """
     if isinstance(source, (str, os.PathLike)) and _dataset_spec(os.fspath(source)) is not None:
         _import_datasets(os.fspath(source))
+        check_hub_dataset(os.fspath(source).split(":")[0])
         return
     load_language_texts(source, languages, split)
