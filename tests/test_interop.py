@@ -182,3 +182,49 @@ def test_eval_reports_per_language_numbers_for_an_llmcompressor_checkpoint(llmco
     assert set(data["languages"]) == {"en", "fr"}
     for numbers in data["languages"].values():
         assert numbers["ppl_reference"] > 0 and numbers["ppl_quantized"] > 0 and numbers["kl_divergence"] >= 0
+
+
+# -- llama.cpp reads our GGUF ------------------------------------------------------------------------
+
+LLAMA_CPP_LOGITS = """
+import sys, numpy as np, llama_cpp
+low = llama_cpp.llama_cpp
+default = low.llama_model_default_params
+
+def params():  # llama.cpp's CPU repack/AMX buffers off: they died with SIGILL on these VMs (benchmarks/gguf_llamacpp.py)
+    p = default()
+    p.use_extra_bufts = False
+    return p
+
+low.llama_model_default_params = params
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False)
+tokens = [int(t) for t in sys.argv[2].split(",")]
+llm.eval(tokens)
+np.save(sys.argv[3], np.asarray(llm.scores[: len(tokens)], dtype=np.float32))
+"""
+
+
+@needs("llama_cpp")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_llama_cpp_runs_our_gguf_export_with_our_logits(bits, tmp_path):
+    """Q4_0 / Q8_0 holding our GPTQ codes, run by llama.cpp itself. llama.cpp multiplies Q4_0/Q8_0
+    weights with activations it rounds to 8 bits, so its logits match ours closely, not exactly."""
+    import numpy as np
+    from conftest import make_tiny_bpe_tokenizer, tiny_model, tiny_tokens
+
+    from neural_quantization.export.gguf import save_checkpoint_with_gguf
+
+    tokenizer = make_tiny_bpe_tokenizer()
+    model = tiny_model(vocab_size=len(tokenizer), intermediate_size=128, bos_token_id=1, eos_token_id=0)
+    ids = tiny_tokens(4, 16, vocab_size=len(tokenizer))
+    config = QuantizationConfig(bits=bits, group_size=32, calibration_batch_size=4)
+    model, _ = Quantizer(config).quantize_model(model, ids)
+    path, report = save_checkpoint_with_gguf(model, tmp_path / "out", tokenizer=tokenizer)
+    tokens = tiny_tokens(1, 24, seed=5, vocab_size=len(tokenizer))[0].tolist()
+    run_peer(LLAMA_CPP_LOGITS, report.path, ",".join(map(str, tokens)), tmp_path / "llama.npy", cwd=tmp_path)
+    theirs = torch.from_numpy(np.load(tmp_path / "llama.npy"))
+    with torch.no_grad():
+        ours = model.float()(torch.tensor([tokens])).logits[0]
+    scale = ours.std()
+    assert (theirs - ours).abs().mean() < 0.05 * scale  # observed on SmolLM2: mean 0.024 std
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
