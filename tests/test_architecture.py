@@ -20,7 +20,7 @@ LAYERS = [
     ["export"],
     ["calibration", "reporting"],
     ["evaluation", "generation"],
-    ["deploy"],
+    ["deploy", "analysis"],
     ["checks"],
     ["quantizer", "bench"],
     ["runner"],

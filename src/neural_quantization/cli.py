@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     from neural_quantization._version import __version__
 
     parser.add_argument("--version", action="version", version=f"neural-quantization {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,generate,bench,deploy-report}")
+    sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,generate,analyze,bench,deploy-report}")
 
     q = sub.add_parser("quantize", help="quantize a model and save a GPTQ checkpoint", formatter_class=_Formatter)
     q.add_argument("--model-name", required=True,
@@ -237,6 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stop-at-eos", action="store_true", help="always generate --max-new-tokens tokens")
     g.add_argument("--json", default=None, metavar="PATH", help="also write the texts and measurements as JSON")
     g.add_argument("--trust-remote-code", action="store_true", help="run the model's own Python code")
+
+    a = sub.add_parser("analyze", formatter_class=_Formatter,
+                       help="where quantization hurts: weight/activation statistics, outlier dimensions and the "
+                            "KL of quantizing one decoder layer at a time, with verdicts")
+    a.add_argument("model", help="float model: alias, directory, .gguf file or Hugging Face id")
+    a.add_argument("--calibration-data", required=True,
+                   help="text for the activation statistics: a file or a directory of {lang}.calib.txt / {lang}.txt")
+    a.add_argument("--eval-data", default=None,
+                   help="held-out text for the sensitivity sweep (default: the calibration source's eval split)")
+    a.add_argument("--target-languages", nargs="+", default=["en"], help="languages to read from the data")
+    a.add_argument("--bits", nargs="+", type=int, default=[4, 3], help="widths to sweep")
+    a.add_argument("--group-size", type=int, default=128, help="group size of the swept grids")
+    a.add_argument("--num-samples", type=int, default=8, help="calibration windows")
+    a.add_argument("--eval-windows", type=int, default=4, help="held-out windows per measurement")
+    a.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    a.add_argument("--seed", type=int, default=0, help="window sampling seed")
+    a.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    a.add_argument("--report-json", default="analysis.json", help="report path (+ .md, and .png with matplotlib)")
 
     # The benchmarks own their options (bench/kernels.py, bench/decode.py);
     # `neural-quantize bench --help` and `neural-quantize bench decode --help` list them.
@@ -516,6 +534,41 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_analyze(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from neural_quantization.analysis import analyze, write_analysis
+    from neural_quantization.calibration.sampling import calibration_from_source
+    from neural_quantization.calibration.sources import check_language_source
+    from neural_quantization.models.loading import load_model, resolve_model
+    from neural_quantization.nn.modules import resolve_device
+
+    console = Console(soft_wrap=True)  # paths in messages stay on one line, copyable
+    device = resolve_device(args.device)
+    resolve_model(args.model)
+    eval_source = args.eval_data or args.calibration_data
+    check_language_source(args.calibration_data, args.target_languages, split="calib")
+    check_language_source(eval_source, args.target_languages, split="eval")
+    loaded = load_model(args.model, device=device)
+    calib = calibration_from_source(args.calibration_data, loaded.tokenizer, args.target_languages, args.num_samples,
+                                    args.seq_len, args.seed)
+    held_out = calibration_from_source(eval_source, loaded.tokenizer, args.target_languages, args.eval_windows,
+                                       args.seq_len, args.seed + 1, split="eval")
+    report = analyze(loaded.model, calib.input_ids, held_out.input_ids, bits=args.bits, group_size=args.group_size)
+    report["model"] = str(args.model)
+    for path in write_analysis(report, args.report_json):
+        console.print(f"written: {path}")
+    sens = report["sensitivity"]
+    narrow = str(min(sens["bits"]))
+    worst = sens["ranking"][:5]
+    console.print(f"most sensitive layers at {narrow} bits: "
+                  + ", ".join(f"{i} ({sens['layers'][i]['widths'][narrow]['verdict']}, KL "
+                              f"{sens['layers'][i]['widths'][narrow]['kl']:.4f})" for i in worst))
+    console.print(f"outlier dimensions: {[d['channel'] for d in report['outlier_dimensions'][:10]] or 'none'}; "
+                  f"analysis took {report['seconds']:.1f} s")
+    return 0
+
+
 def run_bench(bench_args: list[str]) -> int:
     """Hand the arguments to the benchmark, which owns its options: ``bench decode …`` the end-to-end
     decode benchmark (``bench/decode.py``), ``bench generate …`` ``generate`` against fp16 and eager
@@ -560,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(args)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "analyze":
+            return run_analyze(args)
         return run_bench(args.bench_args)
     except _user_errors() as err:
         print(f"neural-quantize: error: {_one_line(err)}", file=sys.stderr)
