@@ -27,6 +27,7 @@ from neural_quantization.config import (
     DEFAULT_LANGUAGES,
     EXPORT_FORMATS,
     PRESETS,
+    ConfigError,
     EvalOptions,
     QualityGates,
     QuantizationConfig,
@@ -101,6 +102,9 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
     g.add_argument("--cascade-mode", choices=("sequential", "nested"), default=None,
                    help="sequential: requantize stage by stage, recalibrating through each stage's model; "
                    "nested: one checkpoint readable at both widths (implies --cascade) (default: sequential)")
+    g.add_argument("--dynamic", default=None, metavar="FILE",
+                   help="per-module widths: a JSON table {\"+:<regex>\": {\"bits\": 8, \"group_size\": 128}} "
+                        "(GPTQModel's and vLLM's `dynamic`), e.g. the plan `neural-quantize analyze --target-bits` writes")
     c = p.add_argument_group("calibration")
     c.add_argument(
         "--calibration-data", default=None,
@@ -255,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="window sampling seed")
     a.add_argument("--device", default="auto", help="auto, cpu or cuda")
     a.add_argument("--report-json", default="analysis.json", help="report path (+ .md, and .png with matplotlib)")
+    a.add_argument("--target-bits", type=float, default=None,
+                   help="also plan one width per decoder layer (from --bits) for this average, scales included")
+    a.add_argument("--plan-json", default=None, metavar="PATH",
+                   help="where to write the plan for `quantize --dynamic PATH` (default: REPORT.plan.json)")
 
     # The benchmarks own their options (bench/kernels.py, bench/decode.py);
     # `neural-quantize bench --help` and `neural-quantize bench decode --help` list them.
@@ -401,7 +409,23 @@ def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
         device=args.device,
         cascade_stages=stages,
         checkpoint_dtype=args.dtype,
+        dynamic=_read_dynamic(getattr(args, "dynamic", None)),
     )
+
+
+def _read_dynamic(path: str | None) -> dict | None:
+    """The ``dynamic`` table of ``--dynamic FILE`` (a plan from ``analyze`` holds it under "dynamic")."""
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--dynamic {file} does not exist; give the JSON plan `neural-quantize analyze "
+                          "--target-bits B --plan-json FILE` wrote, or a table of per-module overrides.")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ConfigError(f"--dynamic {file} is not valid JSON ({err}).") from None
+    return data.get("dynamic", data) if isinstance(data, dict) else data
 
 
 def options_from_args(args: argparse.Namespace, demo: bool = False) -> RunOptions:
@@ -538,12 +562,15 @@ def run_analyze(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from neural_quantization.analysis import analyze, write_analysis
+    from neural_quantization.analysis.mixed_precision import PlanError, plan_widths
     from neural_quantization.calibration.sampling import calibration_from_source
     from neural_quantization.calibration.sources import check_language_source
     from neural_quantization.models.loading import load_model, resolve_model
     from neural_quantization.nn.modules import resolve_device
 
     console = Console(soft_wrap=True)  # paths in messages stay on one line, copyable
+    if args.target_bits is not None and not 2 <= args.target_bits <= 8:
+        raise PlanError(f"--target-bits {args.target_bits}: choose an average between 2 and 8 bits per weight.")
     device = resolve_device(args.device)
     resolve_model(args.model)
     eval_source = args.eval_data or args.calibration_data
@@ -556,6 +583,15 @@ def run_analyze(args: argparse.Namespace) -> int:
                                        args.seq_len, args.seed + 1, split="eval")
     report = analyze(loaded.model, calib.input_ids, held_out.input_ids, bits=args.bits, group_size=args.group_size)
     report["model"] = str(args.model)
+    if args.target_bits is not None:
+        plan = plan_widths(report["sensitivity"], [[tuple(s) for s in shapes] for shapes in report["layer_shapes"]],
+                           args.target_bits, report["layers_prefix"])
+        report["plan"] = plan
+        plan_path = Path(args.plan_json or Path(args.report_json).with_suffix(".plan.json"))
+        plan_path.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+        console.print(f"plan: {plan['average_bits']:.3f} bits per weight (target {args.target_bits}), widths "
+                      f"{plan['widths']}; written to {plan_path}: quantize with --dynamic {plan_path} "
+                      f"--group-size {plan['group_size']}")
     for path in write_analysis(report, args.report_json):
         console.print(f"written: {path}")
     sens = report["sensitivity"]

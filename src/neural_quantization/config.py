@@ -19,6 +19,7 @@ are rejected rather than silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 import math
 import os
 from dataclasses import dataclass, field
@@ -87,6 +88,44 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ordinary asymmetric GPTQ one (vLLM's gptq kernels and transformers load it; Marlin needs sym)
     "best": {"method": "gptq", "rotate": True, "sym": False},
 }
+
+
+DYNAMIC_KEYS = ("bits", "group_size")
+
+
+def dynamic_override(dynamic: dict[str, dict[str, Any]] | None, name: str) -> dict[str, Any]:
+    """The overrides for module ``name`` in a ``dynamic`` table (GPTQModel's and vLLM's format: keys
+    are regular expressions matched with ``re.match`` against the module's full name, optionally
+    prefixed ``+:``; the first match wins); ``{}`` when none matches."""
+    for pattern, override in (dynamic or {}).items():
+        if re.match(pattern.removeprefix("+:"), name):
+            return dict(override)
+    return {}
+
+
+def check_dynamic(dynamic: Any) -> dict[str, dict[str, int]]:
+    """Validate a ``dynamic`` table (see :func:`dynamic_override`); raise :class:`ConfigError` with the fix."""
+    if not isinstance(dynamic, dict):
+        raise ConfigError("dynamic must map module-name patterns to overrides, e.g. "
+                          "{'+:model\\.layers\\.0\\.': {'bits': 8}}.")
+    checked = {}
+    for pattern, override in dynamic.items():
+        if not isinstance(pattern, str) or pattern.startswith("-:"):
+            raise ConfigError(f"dynamic key {pattern!r}: skipping modules ('-:') is not supported yet; "
+                              "give '+:<regex>' keys with bits / group_size overrides.")
+        try:
+            re.compile(pattern.removeprefix("+:"))
+        except re.error as err:
+            raise ConfigError(f"dynamic key {pattern!r} is not a valid regular expression ({err}).") from None
+        if not isinstance(override, dict) or not override or set(override) - set(DYNAMIC_KEYS):
+            raise ConfigError(f"dynamic[{pattern!r}] = {override!r}; give a non-empty dict of {DYNAMIC_KEYS}.")
+        bits, group_size = override.get("bits"), override.get("group_size")
+        if bits is not None and bits not in SUPPORTED_BITS:
+            raise ConfigError(f"dynamic[{pattern!r}].bits={bits}; use one of {SUPPORTED_BITS}.")
+        if group_size is not None and (not isinstance(group_size, int) or (group_size != -1 and group_size <= 0)):
+            raise ConfigError(f"dynamic[{pattern!r}].group_size={group_size!r}; use -1 or a positive size.")
+        checked[pattern] = dict(override)
+    return checked
 
 
 def default_clip(method: str, cascade_mode: str, cascade_stages: list[int] | None) -> str:
@@ -183,6 +222,7 @@ class QuantizationConfig:
     cascade_stages: list[int] | None = None
     cascade_mode: str | None = None
     checkpoint_dtype: str | None = None
+    dynamic: dict[str, dict[str, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.cascade_mode is None:
@@ -251,6 +291,10 @@ class QuantizationConfig:
                                   f"{CHECKPOINT_DTYPES} (e.g. --dtype float16) or leave it unset.")
         if self.cascade_mode not in CASCADE_MODES:
             raise ConfigError(f"cascade_mode={self.cascade_mode!r} is unknown; use one of {CASCADE_MODES}.")
+        if self.dynamic is not None:
+            self.dynamic = check_dynamic(self.dynamic)
+            if self.cascade_stages is not None:
+                raise ConfigError("per-module widths (dynamic) and a cascade do not combine; drop one of them.")
         if self.cascade_mode == "nested" and self.cascade_stages is not None:
             if len(self.cascade_stages) != 2:
                 raise ConfigError(
@@ -287,6 +331,12 @@ class QuantizationConfig:
         if unknown:
             raise ConfigError(f"unknown QuantizationConfig keys {unknown}; known keys are {sorted(known)}.")
         return cls(**data)
+
+    def for_module(self, name: str) -> QuantizationConfig:
+        """The configuration module ``name`` (e.g. ``model.layers.3.mlp.down_proj``) is quantized with:
+        this one, with the first matching :attr:`dynamic` entry's overrides on top."""
+        override = dynamic_override(self.dynamic, name)
+        return self.replace(**override) if override else self
 
     def replace(self, **changes: Any) -> QuantizationConfig:
         merged = {**self.to_dict(), **changes}

@@ -72,9 +72,13 @@ def analyze(
                         if k.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
     sensitivity = layer_sensitivity(model, eval_windows, bits, group_size, sym, batch_size)
     linears = [{"name": key, **weights[key], **{f"act_{k}": v for k, v in activations[key].items()}} for key in weights]
+    prefix, _ = find_decoder_layers(model)
     return {
         "model": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
         "layers": len(layers),
+        "layers_prefix": prefix,
+        "layer_shapes": [[[m.in_features, m.out_features] for m in find_linear_layers(layer).values()]
+                         for layer in layers],
         "linears": linears,
         "outlier_dimensions": recurring_outlier_channels(residual_readers),
         "massive_activation_positions": sorted({p for v in activations.values() for p in v.get("massive_positions", [])}),

@@ -50,7 +50,7 @@ import math
 import os
 import shutil
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,13 @@ from neural_quantization.export.compressed_tensors_reader import (
     read_compressed_tensors,
 )
 from neural_quantization.export.directories import check_output_dir, staged_directory
-from neural_quantization.formats.gptq import TENSOR_NAMES, checkpoint_format, zeros_from_v2, zeros_to_v2
+from neural_quantization.formats.gptq import (
+    TENSOR_NAMES,
+    checkpoint_format,
+    module_width,
+    zeros_from_v2,
+    zeros_to_v2,
+)
 from neural_quantization.formats.integrity import (
     DTYPE_BYTES,
     FLOAT_DTYPES,
@@ -125,6 +131,7 @@ def gptq_quantization_config(
         "lm_head": config.quantize_lm_head,
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"neural-quantization:{__version__}"]},
+        **({"dynamic": config.dynamic} if config.dynamic else {}),
         "neural_quantization": record,
     }
 
@@ -248,7 +255,10 @@ def save_streamed(
             f"work directory {work_dir.path} lacks layers {missing[:5]}; finish the run (resume it) before saving."
         )
     rest = checkpoint_tensors(model, skip_prefix=layers_name + ".")
-    v2_bits = model.config.quantization_config["bits"] if stored_checkpoint_format(model) == "gptq_v2" else None
+    v2_bits = None
+    if stored_checkpoint_format(model) == "gptq_v2":
+        quant = model.config.quantization_config
+        v2_bits = lambda name: module_width(quant, name)[0]  # noqa: E731
     count = len(layers) + 1
     shard_names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     weight_map: dict[str, str] = {}
@@ -274,10 +284,12 @@ def save_streamed(
 
 
 
-def _store_layer_file(source: Path, shard: Path, dtype: torch.dtype | None, v2_bits: int | None = None) -> None:
+def _store_layer_file(source: Path, shard: Path, dtype: torch.dtype | None,
+                      v2_bits: Callable[[str], int] | None = None) -> None:
     """A work directory's layer file as a checkpoint shard: hard-linked (or copied) when it is stored
     as it is, else rewritten (one layer in memory) with its float tensors cast to ``dtype`` and, with
-    ``v2_bits`` (a ``gptq_v2`` checkpoint), its ``qzeros`` converted from the in-memory v1 layout."""
+    ``v2_bits`` (a ``gptq_v2`` checkpoint: module name -> its width), its ``qzeros`` converted from
+    the in-memory v1 layout."""
     with safe_open(str(source), framework="pt") as f:
         recast = {name for name in f.keys() if dtype is not None and name.rsplit(".", 1)[-1] not in TENSOR_NAMES
                   and f.get_slice(name).get_dtype() in FLOAT_DTYPES
@@ -295,7 +307,7 @@ def _store_layer_file(source: Path, shard: Path, dtype: torch.dtype | None, v2_b
         tensors[name] = tensors[name].to(dtype)
     for name in zeros:
         out_features = tensors[name[: -len("qzeros")] + "scales"].shape[1]
-        tensors[name] = zeros_to_v2(tensors[name], v2_bits, out_features)
+        tensors[name] = zeros_to_v2(tensors[name], v2_bits(name[: -len(".qzeros")]), out_features)
     save_file(tensors, str(shard), metadata={"format": "pt"})
 
 
@@ -437,12 +449,13 @@ def load_quantized(
         if tensor.is_floating_point() and name not in gptq_scales and tensor.dtype != model_dtype:
             state[name] = tensor.to(model_dtype)
     if quant.get("checkpoint_format") == "gptq_v2" and not converted:
-        _zeros_v2_to_v1(state, quant["bits"], path)
+        _zeros_v2_to_v1(state, quant, path)
     load_bits = _bits_to_load(quant, bits, path)
     if load_bits != quant["bits"]:
         for name in [key[: -len(".qweight")] for key in names if key.endswith(".qweight")]:
             _narrow_state(state, name, quant, load_bits, model.get_submodule(name).in_features)
-    swap_in_quant_linears(model, state, load_bits, quant["group_size"], kernel_backend)
+    widths = (lambda name: module_width(quant, name)) if quant.get("dynamic") else None
+    swap_in_quant_linears(model, state, load_bits, quant["group_size"], kernel_backend, widths=widths)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = _tied_parameter_names(model)
     missing = [m for m in missing if m not in tied]
@@ -457,12 +470,12 @@ def load_quantized(
     return attach_save_pretrained(model)
 
 
-def _zeros_v2_to_v1(state: dict[str, torch.Tensor], bits: int, path: Path) -> None:
+def _zeros_v2_to_v1(state: dict[str, torch.Tensor], quant: dict[str, Any], path: Path) -> None:
     """``qzeros`` of a ``gptq_v2`` checkpoint in the v1 layout that ``QuantLinear`` holds, in place."""
     for name in [key for key in state if key.endswith(".qzeros")]:
         out_features = state[name[: -len("qzeros")] + "scales"].shape[1]
         try:
-            state[name] = zeros_from_v2(state[name], bits, out_features)
+            state[name] = zeros_from_v2(state[name], module_width(quant, name[: -len(".qzeros")])[0], out_features)
         except ValueError as err:
             raise CheckpointError(
                 f"{path}: {name}: {err}. Re-quantize with neural-quantize, or load the checkpoint with GPTQModel."

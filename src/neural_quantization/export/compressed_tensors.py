@@ -81,6 +81,11 @@ class ExportError(ValueError):
 
 def check_export_config(config: QuantizationConfig) -> None:
     """Raise :class:`ExportError` when ``config`` cannot be written as compressed-tensors (call before quantizing)."""
+    if config.dynamic:
+        raise ExportError(
+            "per-module widths (--dynamic) are written only as GPTQ checkpoints (quantization_config.dynamic, which "
+            "vLLM and GPTQModel read); use --format gptq, or drop --dynamic."
+        )
     if config.bits not in SUPPORTED_BITS:
         raise ExportError(
             f"compressed-tensors export supports {SUPPORTED_BITS[0]} or {SUPPORTED_BITS[1]} bits (vLLM's WNA16 "

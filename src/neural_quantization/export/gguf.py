@@ -88,6 +88,11 @@ class GGUFExportReport:
 
 def check_export_config(config: QuantizationConfig) -> str:
     """The GGUF type for ``config`` ("Q4_0" / "Q8_0"); raise :class:`GGUFExportError` if none fits exactly."""
+    if config.dynamic:
+        raise GGUFExportError(
+            "per-module widths (--dynamic) are written only as GPTQ checkpoints (quantization_config.dynamic, which "
+            "vLLM and GPTQModel read); use --format gptq, or drop --dynamic."
+        )
     if config.bits not in GGUF_TYPE_FOR_BITS:
         raise GGUFExportError(
             f"GGUF export writes Q4_0 (--bits 4) or Q8_0 (--bits 8); bits={config.bits} has no llama.cpp block "

@@ -42,11 +42,20 @@ import math
 
 import torch
 
+from neural_quantization.config import dynamic_override
 from neural_quantization.core.quantized_weight import QuantizedWeight, num_groups
 from neural_quantization.formats.packing import pack, packed_length, unpack
 
 TENSOR_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+
+
+def module_width(quant: dict, name: str) -> tuple[int, int]:
+    """``(bits, group_size)`` of module ``name`` in a checkpoint's ``quantization_config``: the
+    top-level values, or the first matching ``dynamic`` entry's (GPTQModel's and vLLM's per-module
+    overrides, :func:`neural_quantization.config.dynamic_override`)."""
+    override = dynamic_override(quant.get("dynamic"), name)
+    return override.get("bits", quant["bits"]), override.get("group_size", quant.get("group_size", -1))
 
 
 def checkpoint_format(sym: bool) -> str:

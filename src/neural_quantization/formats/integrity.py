@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from neural_quantization.config import SUPPORTED_BITS
-from neural_quantization.formats.gptq import CHECKPOINT_FORMATS, TENSOR_NAMES
+from neural_quantization.config import ConfigError, check_dynamic
+from neural_quantization.formats.gptq import CHECKPOINT_FORMATS, TENSOR_NAMES, module_width
 from neural_quantization.formats.packing import packed_length
 
 __all__ = ["CheckpointError", "CheckpointInventory", "TensorEntry", "inspect_checkpoint", "read_safetensors_header"]
@@ -174,6 +175,11 @@ def _check_fields(path: Path, quant: dict[str, Any]) -> None:
         raise CheckpointError(f"{where}.bits={bits!r}; a GPTQ checkpoint stores one of {SUPPORTED_BITS}.")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size != -1 and group_size <= 0):
         raise CheckpointError(f"{where}.group_size={group_size!r}; expected -1 or a positive number of columns.")
+    if quant.get("dynamic") is not None:
+        try:
+            check_dynamic(quant["dynamic"])
+        except ConfigError as err:
+            raise CheckpointError(f"{where}.dynamic: {err}") from None
     for key in ("sym", "desc_act", "static_groups"):
         if key in quant and not isinstance(quant[key], bool):
             raise CheckpointError(f"{where}.{key}={quant[key]!r}; expected true or false.")
@@ -196,9 +202,9 @@ def _check_fields(path: Path, quant: dict[str, Any]) -> None:
 
 def _check_quantized_layers(quant: dict[str, Any], tensors: dict[str, TensorEntry]) -> list[str]:
     """Shapes and dtypes of every quantized layer's tensors; returns the names of the scales tensors."""
-    bits, group_size = quant["bits"], quant.get("group_size", -1)
     scales = []
     for name in sorted(n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")):
+        bits, group_size = module_width(quant, name)
         parts = {key: tensors.get(f"{name}.{key}") for key in TENSOR_NAMES}
         missing = [key for key in ("qzeros", "scales") if parts[key] is None]
         if missing:

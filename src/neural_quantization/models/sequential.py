@@ -489,14 +489,19 @@ def _solve_group(
         device = module_device(replica)
         hessian = hessians[name].to(device) if hessians[name] is not None else None
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            return solve(prefix + name, replica.get_submodule(name), hessian, config)
+            return solve(prefix + name, replica.get_submodule(name), hessian, config.for_module(prefix + name))
 
     if len(replicas) == 1 or len(group) == 1 or solve is not solve_linear:
-        return [solve(prefix + name, replicas[0].get_submodule(name), hessians[name], config) for name in group]
+        return [solve(prefix + name, replicas[0].get_submodule(name), hessians[name], config.for_module(prefix + name))
+                for name in group]
     for replica in replicas:
         _warm_up_solver(module_device(replica), config)
     with ThreadPoolExecutor(max_workers=len(replicas)) as pool:
         return list(pool.map(solve_on, range(len(group)), group))
+
+
+def _width(config: QuantizationConfig) -> tuple[int, int]:
+    return config.bits, config.group_size
 
 
 _WARM_SOLVERS: set[tuple] = set()
@@ -527,7 +532,8 @@ def restore_layer(
     """Load finished layer ``index`` from the work directory into ``block`` (QuantLinear layers), on ``device``."""
     tensors, report_dicts = work_dir.read_layer(index)
     state = {name[len(prefix) :]: tensor for name, tensor in tensors.items()}
-    swap_in_quant_linears(block, state, config.bits, config.group_size, config.kernel_backend)
+    swap_in_quant_linears(block, state, config.bits, config.group_size, config.kernel_backend,
+                          widths=lambda name: _width(config.for_module(prefix + name)))
     storage.restore(index, block, state, device)
     return [LinearReport.from_dict(r) for r in report_dicts]
 

@@ -14,6 +14,8 @@ before capturing CUDA graphs or compiling; loading a state dict drops the prepar
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -205,13 +207,15 @@ class QuantLinear(nn.Module):
 
 
 def swap_in_quant_linears(
-    root: nn.Module, state: dict[str, torch.Tensor], bits: int, group_size: int, kernel_backend: str = "auto"
+    root: nn.Module, state: dict[str, torch.Tensor], bits: int, group_size: int, kernel_backend: str = "auto",
+    widths: Callable[[str], tuple[int, int]] | None = None,
 ) -> list[str]:
     """Replace each ``nn.Linear`` of ``root`` that ``state`` holds GPTQ tensors for by an empty QuantLinear.
 
     state: tensors named relative to ``root`` (``mlp.up_proj.qweight`` …). The new layers are on the
     ``meta`` device; ``root.load_state_dict(state, assign=True)`` then gives them the tensors.
-    Returns the names of the replaced layers.
+    widths: ``name -> (bits, group_size)`` for checkpoints with per-module widths (``dynamic``);
+    without it every layer has ``bits`` and ``group_size``. Returns the names of the replaced layers.
     """
     from neural_quantization.nn.modules import set_submodule
 
@@ -219,11 +223,12 @@ def swap_in_quant_linears(
     for name in names:
         linear = root.get_submodule(name)
         bias = state.get(f"{name}.bias")
+        layer_bits, layer_group = widths(name) if widths is not None else (bits, group_size)
         set_submodule(
             root,
             name,
             QuantLinear(
-                linear.in_features, linear.out_features, bits, group_size, bias=bias is not None,
+                linear.in_features, linear.out_features, layer_bits, layer_group, bias=bias is not None,
                 bias_dtype=bias.dtype if bias is not None else torch.float16, kernel_backend=kernel_backend,
                 device="meta",
             ),
