@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--languages", nargs="+", default=["en", "de", "ru", "zh", "ar"])
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--sweep-windows", type=int, default=4)
+    parser.add_argument("--sweep-windows", type=int, default=5, help="held-out windows of the sweep (>= one per language)")
     parser.add_argument("--sweep-seq-len", type=int, default=256)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=4)
