@@ -152,8 +152,9 @@ def check_hub_dataset(dataset_id: str) -> None:
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    offline = constants.HF_HUB_OFFLINE or any(
-        os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    from neural_quantization.models.loading import env_true
+
+    offline = constants.HF_HUB_OFFLINE or env_true("HF_HUB_OFFLINE") or env_true("HF_DATASETS_OFFLINE")
     how = "pass a local file or a directory of {lang}.calib.txt files instead"
     if offline:
         if isinstance(try_to_load_from_cache(dataset_id, "README.md", repo_type="dataset"), str):

@@ -173,28 +173,29 @@ def stored_checkpoint_format(model: nn.Module) -> str:
 
 def _stored_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
     """``(name, tensor, dtype it is stored in)``: unquantized float tensors (embeddings, norms, biases,
-    ``lm_head``) in :func:`checkpoint_dtype`; the GPTQ tensors (fp16 ``scales`` included) as they are,
-    but ``qzeros`` in v2 (``zeros_to_v2``) when the checkpoint format is ``gptq_v2``."""
+    ``lm_head``) in :func:`checkpoint_dtype`; the GPTQ tensors (fp16 ``scales`` included) as they are."""
     dtype = checkpoint_dtype(model)
     gptq = gptq_scale_names(model)
-    v2_zeros = {}
-    if stored_checkpoint_format(model) == "gptq_v2":
-        v2_zeros = {f"{name}.qzeros": m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     for name, tensor in unique_state_items(model):
-        if name in v2_zeros and not tensor.is_meta:  # streamed layers are converted from their files
-            tensor = zeros_to_v2(tensor, v2_zeros[name].bits, v2_zeros[name].out_features)
         cast = dtype is not None and tensor.is_floating_point() and name not in gptq
         yield name, tensor, dtype if cast else tensor.dtype
 
 
 def checkpoint_tensors(model: nn.Module, skip_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors to store: the state dict without tied copies (nor names under ``skip_prefix``),
-    on the CPU, contiguous, in their stored dtypes (:func:`_stored_items`)."""
-    return {
-        name: tensor.detach().to("cpu", dtype).contiguous()
-        for name, tensor, dtype in _stored_items(model)
-        if skip_prefix is None or not name.startswith(skip_prefix)
-    }
+    on the CPU, contiguous, in their stored dtypes (:func:`_stored_items`); ``qzeros`` in the v2
+    layout (``zeros_to_v2``) when the checkpoint format is ``gptq_v2``."""
+    v2_zeros = {}
+    if stored_checkpoint_format(model) == "gptq_v2":
+        v2_zeros = {f"{name}.qzeros": m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    tensors = {}
+    for name, tensor, dtype in _stored_items(model):
+        if skip_prefix is not None and name.startswith(skip_prefix):
+            continue
+        if name in v2_zeros:
+            tensor = zeros_to_v2(tensor, v2_zeros[name].bits, v2_zeros[name].out_features)
+        tensors[name] = tensor.detach().to("cpu", dtype).contiguous()
+    return tensors
 
 
 def stored_bytes(model: nn.Module) -> int:

@@ -36,6 +36,7 @@ from neural_quantization.formats.gptq import checkpoint_format, to_gptq_tensors
 from neural_quantization.formats.integrity import CheckpointError
 from neural_quantization.formats.packing import unpack
 from neural_quantization.models.layer_storage import CheckpointWeights
+from neural_quantization.models.loading import quantization_method
 
 READABLE_BITS = (4, 8)
 LAYER_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
@@ -43,12 +44,7 @@ LAYER_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_
 
 def is_compressed_tensors(checkpoint_dir: str | Path) -> bool:
     """Whether ``config.json`` says ``quant_method: compressed-tensors`` (False when unreadable)."""
-    try:
-        config = json.loads((Path(checkpoint_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    quant = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors"
+    return quantization_method(checkpoint_dir) == "compressed-tensors"
 
 
 def gptq_view_of_config(checkpoint_dir: str | Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import inspect
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -244,27 +244,38 @@ def _run_eager(model, encoded, max_new_tokens, temperature, top_p, generator, eo
     token = next_tokens(logits, temperature, top_p, generator)
     _sync(device)
     first = time.perf_counter() - start
-    generated = [token]
-    done = torch.zeros_like(token, dtype=torch.bool)
-    eos_t = torch.tensor(eos, device=device) if eos else None
-    steps = 0
-    decode_start = time.perf_counter()
-    for step in range(1, max_new_tokens):
-        if eos_t is not None:
-            done |= torch.isin(token, eos_t)
-            if step % check_every == 0 and bool(done.all()):
-                break
+
+    def advance(token: torch.Tensor) -> torch.Tensor:
+        nonlocal mask, positions
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         positions = positions[:, -1:] + 1
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                       **{cache_kw: cache}, use_cache=True).logits[:, -1]
-        token = next_tokens(logits, temperature, top_p, generator)
-        generated.append(token)
-        steps += 1
+        return model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                     **{cache_kw: cache}, use_cache=True).logits[:, -1]
+
+    decode_start = time.perf_counter()
+    generated = _decode(token, max_new_tokens - 1, advance, temperature, top_p, generator, eos, check_every)
     _sync(device)
     decode = time.perf_counter() - decode_start
-    tokens = torch.stack(generated, dim=1)
-    return _trim(tokens, eos), {"time_to_first_token_s": first, "decode_s": decode, "decode_steps": steps}
+    return _trim(torch.stack(generated, dim=1), eos), {
+        "time_to_first_token_s": first, "decode_s": decode, "decode_steps": len(generated) - 1}
+
+
+def _decode(token: torch.Tensor, steps: int, advance: Callable[[torch.Tensor], torch.Tensor], temperature: float,
+            top_p: float, generator: torch.Generator | None, eos: list[int], check_every: int) -> list[torch.Tensor]:
+    """The decode steps both paths share: ``advance(token)`` runs the model on the last token and
+    returns the next logits; up to ``steps`` new tokens after ``token``, stopping early (checked on the
+    host every ``check_every`` steps) once every sequence has produced an end-of-sequence token."""
+    generated = [token]
+    done = torch.zeros_like(token, dtype=torch.bool)
+    eos_t = torch.tensor(eos, device=token.device) if eos else None
+    for index in range(steps):
+        if eos_t is not None:
+            done |= torch.isin(token, eos_t)
+            if index and index % check_every == 0 and bool(done.all()):
+                break
+        token = next_tokens(advance(token), temperature, top_p, generator)
+        generated.append(token)
+    return generated
 
 
 def _mask_values(model: nn.Module, dtype: torch.dtype) -> tuple[Any, Any, torch.dtype]:
@@ -317,9 +328,6 @@ def _run_static(model, encoded, max_new_tokens, temperature, top_p, generator, e
                        use_cache=True).logits[:, -1]
 
     steps_wanted = max_new_tokens - 1
-    generated = [token]
-    steps = 0
-    decode_start = time.perf_counter()
     cursor = torch.tensor([prompt_len], device=device)  # the cache slot the next step writes
     step_mask[:, 0, 0].index_fill_(-1, cursor, yes)
     run_step = step
@@ -342,27 +350,24 @@ def _run_static(model, encoded, max_new_tokens, temperature, top_p, generator, e
             graph.replay()
             return out
 
-    if steps_wanted:
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        eos_t = torch.tensor(eos, device=device) if eos else None
-        decode_start = time.perf_counter()
-        for index in range(steps_wanted):
-            if eos_t is not None:
-                done |= torch.isin(token, eos_t)
-                if index and index % check_every == 0 and bool(done.all()):
-                    break
-            token = next_tokens(run_step(), temperature, top_p, generator)
-            generated.append(token)
-            steps += 1
-            step_ids.copy_(token[:, None])
+    advanced = 0
+
+    def advance(last: torch.Tensor) -> torch.Tensor:
+        nonlocal advanced
+        if advanced:  # the buffers of step 0 were set above, from the prefill
+            step_ids.copy_(last[:, None])
             step_pos.add_(1)
             cursor.add_(1)
-            if index + 1 < steps_wanted:
-                step_mask[:, 0, 0].index_fill_(-1, cursor, yes)
+            step_mask[:, 0, 0].index_fill_(-1, cursor, yes)
+        advanced += 1
+        return run_step()
+
+    decode_start = time.perf_counter()
+    generated = _decode(token, steps_wanted, advance, temperature, top_p, generator, eos, check_every)
     _sync(device)
     decode = time.perf_counter() - decode_start
-    tokens = torch.stack(generated, dim=1)
-    return _trim(tokens, eos), {"time_to_first_token_s": first, "decode_s": decode, "decode_steps": steps}
+    return _trim(torch.stack(generated, dim=1), eos), {
+        "time_to_first_token_s": first, "decode_s": decode, "decode_steps": len(generated) - 1}
 
 
 def _cache_keyword(model: nn.Module) -> str:

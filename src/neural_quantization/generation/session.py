@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,14 +14,9 @@ DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "f
 
 def is_quantized_checkpoint(name: str) -> bool:
     """Whether ``name`` is a directory whose config.json has a quantization_config we load."""
-    config = Path(name) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        quant = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError):
-        return False
-    return isinstance(quant, dict) and quant.get("quant_method") in ("gptq", "compressed-tensors")
+    from neural_quantization.models.loading import quantization_method
+
+    return quantization_method(name) in ("gptq", "compressed-tensors")
 
 
 def load_for_generation(name: str, device: torch.device, dtype: str = "auto",

@@ -252,7 +252,10 @@ def _how_to_name_a_model() -> str:
     )
 
 
-def _quantization_method(config_path: Path) -> str | None:
+def quantization_method(directory: str | os.PathLike[str]) -> str | None:
+    """``quantization_config.quant_method`` of ``directory/config.json`` ("gptq", "compressed-tensors", ...),
+    or None: no such file, not valid JSON (transformers then reports it in its own words), or no block."""
+    config_path = Path(directory) / "config.json"
     try:
         cfg = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -262,7 +265,7 @@ def _quantization_method(config_path: Path) -> str | None:
 
 
 def _check_not_quantized(directory: Path) -> None:
-    if _quantization_method(directory / "config.json") == "gptq":
+    if quantization_method(directory) == "gptq":
         raise QuantizedCheckpointError(
             f"{directory} holds a GPTQ-quantized checkpoint (config.json has quantization_config."
             "quant_method = 'gptq'), but load_model loads the float model a quantization run starts "
@@ -330,7 +333,8 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> ResolvedModel:
     raise ModelNotFoundError(f"Cannot find model {name!r}. {hint}{_how_to_name_a_model()}")
 
 
-def _env_true(name: str) -> bool:
+def env_true(name: str) -> bool:
+    """Whether environment variable ``name`` is set to 1 / on / yes / true (any case)."""
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
@@ -344,7 +348,7 @@ def check_hub_model(model_id: str) -> None:
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+    if constants.HF_HUB_OFFLINE or env_true("HF_HUB_OFFLINE") or env_true("TRANSFORMERS_OFFLINE"):
         if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
             return
         raise ModelNotFoundError(
