@@ -15,8 +15,9 @@
 Worked example, Mistral-7B (32 layers, 8 KV heads of 128, context 4096, batch 1, fp16):
 ``2 · 32 · 8 · 128 · 4096 · 1 · 2 = 536,870,912`` bytes = 0.5 GiB of KV cache.
 
-:func:`memory_report` puts it together for a checkpoint directory or a ``config.json`` and checks
-it against :data:`devices.DEVICES`; each device uses the weights of the format it should run
+:func:`memory_report` puts it together for a checkpoint directory, a ``config.json`` or a ``.gguf``
+file (its shapes from the GGUF metadata, through transformers' GGUF support) and checks it against
+:data:`devices.DEVICES`; each device uses the weights of the format it should run
 (GGUF for llama.cpp devices, GPTQ for Ampere+ GPUs).
 """
 
@@ -182,6 +183,15 @@ class MemoryReport:
         raise KeyError(device_name)
 
 
+def _gguf_source(path: Path) -> Path | None:
+    """The .gguf file to measure: ``path`` itself, or the one .gguf of a directory without config.json."""
+    from neural_quantization.export.gguf_reader import find_gguf_file
+
+    if path.is_dir() and (path / "config.json").is_file():
+        return None
+    return find_gguf_file(path)
+
+
 def _load_config(source: Path) -> dict[str, Any]:
     config_file = source / "config.json" if source.is_dir() else source
     if not config_file.is_file():
@@ -206,20 +216,29 @@ def memory_report(
 ) -> MemoryReport:
     """Memory needed to run the model at ``source`` with ``context`` tokens × ``batch``, per device.
 
-    source: a checkpoint directory (weights measured from its files) or a ``config.json`` /
+    source: a checkpoint directory (weights measured from its files), a ``.gguf`` file (or a
+        directory holding one and no ``config.json``: measured from that file), or a ``config.json`` /
         directory without weight files (weights estimated for ``bits`` / ``group_size``).
     """
     if context <= 0 or batch <= 0:
         raise DeployError("--context and --batch must be positive (e.g. --context 4096 --batch 1).")
     path = Path(source)
     if not path.exists():
-        raise DeployError(f"{path} does not exist; pass a checkpoint directory or a config.json file.")
-    shape = model_shape(_load_config(path))
+        raise DeployError(f"{path} does not exist; pass a checkpoint directory, a .gguf file or a config.json file.")
+    gguf_file = _gguf_source(path)
+    if gguf_file is not None:
+        from neural_quantization.export.gguf_reader import gguf_config
+
+        shape = model_shape(gguf_config(gguf_file).to_dict())
+    else:
+        shape = model_shape(_load_config(path))
     kv = kv_cache_bytes(shape, context, batch, kv_bytes_per_element)
 
-    measured = path.is_dir() and any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir())
+    measured = gguf_file is not None or (path.is_dir() and any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()))
     weights: dict[str, dict[str, Any]] = {}
-    if measured:
+    if gguf_file is not None:
+        weights["gguf"] = {"bytes": gguf_file.stat().st_size, "files": [gguf_file.name]}
+    elif measured:
         _check_weight_files(path)
         for fmt, files in checkpoint_weight_files(path).items():
             weights[fmt] = {"bytes": sum(p.stat().st_size for p in files), "files": [p.name for p in files]}

@@ -1,5 +1,6 @@
 """Save and load quantized checkpoints (GPTQ: ``checkpoint_format`` ``gptq`` for symmetric grids,
-``gptq_v2`` for asymmetric ones, see ``formats/gptq.py``); load compressed-tensors ones too.
+``gptq_v2`` for asymmetric ones, see ``formats/gptq.py``); load compressed-tensors ones and GGUF
+files too (``export/compressed_tensors_reader.py``, ``export/gguf_reader.py``).
 
 A checkpoint directory holds
 
@@ -67,6 +68,13 @@ from neural_quantization.export.compressed_tensors_reader import (
     read_compressed_tensors,
 )
 from neural_quantization.export.directories import check_output_dir, staged_directory
+from neural_quantization.export.gguf_reader import (
+    empty_model,
+    find_gguf_file,
+    gguf_config,
+    gguf_quantization_config,
+    read_gguf,
+)
 from neural_quantization.formats.gptq import (
     TENSOR_NAMES,
     checkpoint_format,
@@ -333,7 +341,11 @@ def attach_save_pretrained(model: nn.Module, tokenizer: Any = None, work_dir: Wo
 def read_quantization_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     """The ``quantization_config`` of a checkpoint directory that :func:`load_quantized` reads, after
     :func:`validate_checkpoint`; for compressed-tensors checkpoints its GPTQ equivalent
-    (``export/compressed_tensors_reader.py``)."""
+    (``export/compressed_tensors_reader.py``); for a GGUF file what its model will say
+    (``export/gguf_reader.gguf_quantization_config``)."""
+    gguf_file = find_gguf_file(checkpoint_dir)
+    if gguf_file is not None:
+        return gguf_quantization_config(gguf_file)
     if is_compressed_tensors(checkpoint_dir):
         return gptq_view_of_config(checkpoint_dir)
     return validate_checkpoint(checkpoint_dir).quantization_config
@@ -414,7 +426,8 @@ def load_quantized(
 
     Reads GPTQ checkpoints (``gptq`` and ``gptq_v2``; ours, GPTQModel's, AutoGPTQ's) and
     compressed-tensors ``pack-quantized`` ones (ours, llm-compressor's; converted to GPTQ tensors,
-    ``export/compressed_tensors_reader.py``). A GPTQ directory is checked first
+    ``export/compressed_tensors_reader.py``), and GGUF files (a ``.gguf`` path, or a directory with one
+    ``.gguf`` and no quantized ``config.json``; see :func:`load_gguf`). A GPTQ directory is checked first
     (:func:`validate_checkpoint`). The model is built from
     ``config.json`` in ``dtype`` (default: the checkpoint's ``dtype``, the one its unquantized tensors
     are stored in), every module with a ``qweight`` tensor is replaced by a :class:`QuantLinear`, and
@@ -425,6 +438,9 @@ def load_quantized(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(checkpoint_dir)
+    gguf_file = find_gguf_file(path)
+    if gguf_file is not None:
+        return load_gguf(gguf_file, device, kernel_backend, dtype, bits)
     converted = is_compressed_tensors(path)
     if converted:  # converted to v1 GPTQ tensors in memory; a re-save writes a GPTQ checkpoint
         quant, state = read_compressed_tensors(path)
@@ -467,6 +483,56 @@ def load_quantized(
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.to(device)
+    model.eval()
+    return attach_save_pretrained(model)
+
+
+def load_gguf(
+    file: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    kernel_backend: str = "auto",
+    dtype: torch.dtype | None = None,
+    bits: int | None = None,
+) -> nn.Module:
+    """Load a ``.gguf`` file into a transformers model: Q4_0 / Q8_0 decoder linears as QuantLinear
+    layers with the file's codes and scales, everything else dequantized (``export/gguf_reader.py``).
+
+    The config (and so the model class) comes from the file's metadata through transformers' GGUF
+    support. ``dtype`` (default: float32 on the CPU, bfloat16 on an accelerator, as ``load_model``
+    loads a GGUF) is the dtype of the float tensors; QuantLinear scales stay the blocks' fp16.
+    ``config.quantization_config`` is the GPTQ equivalent of the kept layers with ``converted_from``
+    (None when no layer was kept: the model is then a float model, and saving it is refused), so
+    ``save_pretrained`` writes a GPTQ checkpoint of the same codes.
+    """
+    from neural_quantization.nn.modules import resolve_device
+
+    file = Path(file)
+    config = gguf_config(file)
+    target = resolve_device(device)
+    model_dtype = dtype or (torch.float32 if target.type == "cpu" else torch.bfloat16)
+    model = empty_model(config, model_dtype)
+    quant, state = read_gguf(file, model, model_dtype)
+    stored = quant.get("bits")
+    if bits is not None and bits != stored:
+        raise CheckpointError(f"{file} holds {stored or 'no'}-bit Q4_0/Q8_0 layers; load it with bits=None"
+                              + (f" or bits={stored}." if stored else "."))
+    if stored:
+        widths = (lambda name: module_width(quant, name)) if quant.get("dynamic") else None
+        swap_in_quant_linears(model, state, stored, quant["group_size"], kernel_backend, widths=widths)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if m not in _tied_parameter_names(model)]
+    if missing or unexpected:
+        raise CheckpointError(f"{file} does not match the {type(model).__name__} its metadata describes: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]} (a GGUF from another converter?).")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise CheckpointError(f"{file} has no tensor for {empty[:3]} of the {type(model).__name__} its metadata "
+                              "describes (a GGUF from another converter?).")
+    model.config.quantization_config = quant if stored else None
+    model.config.dtype = model_dtype  # what a re-save stores the float tensors in
+    model.to(target)
     model.eval()
     return attach_save_pretrained(model)
 

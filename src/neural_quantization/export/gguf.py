@@ -34,6 +34,9 @@ transformers' GGUF loader undoes; rows move with their blocks, codes are unchang
 Metadata: when the model came from a GGUF (our aliases do), its key/value pairs, tokenizer
 included, are copied, with ``block_count`` and the file type updated; otherwise they are built
 from the transformers config and a byte-level BPE tokenizer (``tokenizer.ggml.model = "gpt2"``).
+Our run record (the ``neural_quantization`` block of the checkpoint's ``quantization_config``: base
+model, config, versions) is written as JSON under :data:`RECORD_KEY`, which llama.cpp ignores and
+``export/gguf_reader.py`` reads back (so ``neural-quantize eval`` finds the base model).
 
 Supported: Llama-architecture models (``model_type`` llama, mistral -> GGUF arch ``llama``).
 :func:`check_export_config` refuses, before any quantization, what GGUF cannot hold exactly:
@@ -42,6 +45,7 @@ asymmetric grids, group sizes other than 32, act-order with reordered groups, 2/
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -59,6 +63,7 @@ from neural_quantization.nn.qlinear import QuantLinear
 BLOCK = 32
 GGUF_TYPE_FOR_BITS = {4: "Q4_0", 8: "Q8_0"}
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # transformers model_type -> GGUF architecture
+RECORD_KEY = "neural_quantization.record"  # string: JSON of quantization_config["neural_quantization"]
 
 
 class GGUFExportError(ValueError):
@@ -154,6 +159,18 @@ def permute_rope_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     return rows.reshape(n_head, 2, n // n_head // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
+def unpermute_rope_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of :func:`permute_rope_rows`: llama.cpp's interleaved RoPE rows back to transformers' order.
+
+    Within each head the rows ``0, d/2, 1, d/2+1, …`` return to ``[0..d/2), [d/2..d)``; the same
+    reordering as transformers' ``LlamaTensorProcessor._reverse_permute_weights`` (for attn_k with
+    the KV head count). Rows move whole, so on codes (N, K) and scales (N, G) it keeps each block's
+    codes with its scale.
+    """
+    n = rows.shape[0]
+    return rows.reshape(n_head, n // n_head // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
 def shape_problem(in_features: int, has_bias: bool) -> str | None:
     """Why a linear layer cannot become GGUF Q4_0/Q8_0 blocks (or None)."""
     if in_features % BLOCK:
@@ -234,7 +251,8 @@ def _copy_source_metadata(writer: Any, source: Path, arch: str, config: Any) -> 
     if source_arch != arch:
         raise GGUFExportError(f"the source GGUF {source} has architecture {source_arch!r}, the model {arch!r}.")
     ours = _architecture_kv(config)
-    skip = {"general.architecture", "general.file_type", "general.quantization_version", f"{arch}.block_count"}
+    skip = {"general.architecture", "general.file_type", "general.quantization_version", f"{arch}.block_count",
+            RECORD_KEY}
     for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key in skip:
             continue
@@ -256,8 +274,6 @@ def _copy_source_metadata(writer: Any, source: Path, arch: str, config: Any) -> 
 
 def _tokenizer_metadata(writer: Any, tokenizer: Any, config: Any) -> None:
     """Write a byte-level BPE tokenizer (``tokenizer.json`` with a BPE model) as GGUF ``gpt2`` tokens + merges."""
-    import json
-
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -362,6 +378,7 @@ def export_gguf(
             report.metadata_source = "built from the transformers config and tokenizer"
         writer.add_file_type(int(file_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_string(RECORD_KEY, json.dumps(record, sort_keys=True))
 
         quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
         tied = shape.tied_embeddings

@@ -13,17 +13,20 @@ DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "f
 
 
 def is_quantized_checkpoint(name: str) -> bool:
-    """Whether ``name`` is a directory whose config.json has a quantization_config we load."""
+    """Whether ``load_quantized`` reads ``name``: a directory whose config.json has a quantization_config
+    we load, or a GGUF file (a ``.gguf`` path, or a directory with one and no quantized config.json)."""
+    from neural_quantization.export.gguf_reader import find_gguf_file
     from neural_quantization.models.loading import quantization_method
 
-    return quantization_method(name) in ("gptq", "compressed-tensors")
+    return quantization_method(name) in ("gptq", "compressed-tensors") or find_gguf_file(name) is not None
 
 
 def load_for_generation(name: str, device: torch.device, dtype: str = "auto",
                         trust_remote_code: bool = False) -> tuple[Any, Any, str]:
     """``(model, tokenizer, kind)`` on ``device``: ``load_quantized`` for our (or GPTQModel's,
-    llm-compressor's) checkpoints, ``load_model`` for float models. ``dtype`` "auto": float16 on a
-    GPU (fp16 and int4 then run in the same precision), float32 on the CPU."""
+    llm-compressor's) checkpoints and for GGUF files (Q4_0 / Q8_0 layers on our kernels, the rest
+    dequantized; kind "float" when none is Q4_0 / Q8_0), ``load_model`` for float models. ``dtype``
+    "auto": float16 on a GPU (fp16 and int4 then run in the same precision), float32 on the CPU."""
     from transformers import AutoTokenizer
 
     if dtype not in DTYPES:
@@ -31,10 +34,12 @@ def load_for_generation(name: str, device: torch.device, dtype: str = "auto",
     torch_dtype = DTYPES[dtype] or (torch.float16 if device.type == "cuda" else torch.float32)
     if is_quantized_checkpoint(name):
         from neural_quantization.export.checkpoint import load_quantized
+        from neural_quantization.export.gguf_reader import find_gguf_file, gguf_tokenizer
 
         model = load_quantized(name, device=device, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        return model, tokenizer, "quantized"
+        gguf_file = find_gguf_file(name)
+        tokenizer = gguf_tokenizer(gguf_file) if gguf_file is not None else AutoTokenizer.from_pretrained(name)
+        return model, tokenizer, "quantized" if model.config.quantization_config else "float"
     from neural_quantization.models.loading import load_model
 
     loaded = load_model(name, device=device, dtype=torch_dtype, trust_remote_code=trust_remote_code)
