@@ -15,6 +15,7 @@ setting            ours                                        llm-compressor 0.
 =================  ==========================================  =======================================
 rtn                ``method="rtn"``                            ``QuantizationModifier`` (round to nearest)
 gptq               ``QuantizationConfig()`` defaults           ``GPTQModifier`` defaults (actorder static)
+gptq-nogptaq       defaults, ``gptaq=False``                   (none)
 gptq-noact         ``desc_act=False, static_groups=False``     ``actorder=None``
 gptq-static        ``desc_act=True, static_groups=True``       ``actorder="static"``
 gptq-static-asym   the same, ``sym=False``                     the same, ``symmetric=False``
@@ -25,8 +26,9 @@ best               ``QuantizationConfig.from_preset("best")``  (none)
 =================  ==========================================  =======================================
 
 The settings named after one of llm-compressor's use our min/max grid (``clip="minmax"``, their
-"minmax" observer), so the pair differs only in the solver; ``gptq`` is each tool's default as a
-user gets it (ours searches the clipping on GPTQ's objective).
+"minmax" observer) and no asymmetric calibration (``gptaq=False``: theirs has none), so the pair
+differs only in the solver (``gptq-mse``: only in the clip search); ``gptq`` is each tool's default
+as a user gets it (ours: the clip search on GPTQ's objective and GPTAQ's asymmetric calibration).
 
 Both use block size 128 and 1 % damping (their ``dampening_frac``, our ``damp_percent``).
 
@@ -61,22 +63,24 @@ from neural_quantization.evaluation import compare_languages, reference_language
 from neural_quantization.models.loading import load_model
 from neural_quantization.reporting.report import environment_info
 
-SETTINGS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-imatrix", "gptq-rotate",
-            "best")
+SETTINGS = ("rtn", "gptq", "gptq-nogptaq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-imatrix",
+            "gptq-rotate", "best")
 THEIRS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-imatrix")
 
 
 def our_config(setting: str, bits: int, group_size: int, num_samples: int, seq_len: int) -> QuantizationConfig | None:
     """Our configuration for ``setting`` (None: the setting has no counterpart of ours)."""
     base = dict(bits=bits, group_size=group_size, num_samples=num_samples, seq_len=seq_len)
-    minmax = dict(base, clip="minmax")
+    paired = dict(base, gptaq=False)  # the settings named after one of theirs: the same objective as theirs
+    minmax = dict(paired, clip="minmax")
     return {
         "rtn": QuantizationConfig(method="rtn", **base),
         "gptq": QuantizationConfig(**base),
+        "gptq-nogptaq": QuantizationConfig(**paired),
         "gptq-noact": QuantizationConfig(desc_act=False, static_groups=False, **minmax),
         "gptq-static": QuantizationConfig(desc_act=True, static_groups=True, **minmax),
         "gptq-static-asym": QuantizationConfig(desc_act=True, static_groups=True, sym=False, **minmax),
-        "gptq-mse": QuantizationConfig(clip="mse", **base),
+        "gptq-mse": QuantizationConfig(clip="mse", **paired),
         "gptq-imatrix": None,  # theirs only: their activation-weighted MSE observer; ours is "gptq" (the default)
         "gptq-rotate": QuantizationConfig(rotate=True, **base),
         "best": QuantizationConfig.from_preset("best", **base),

@@ -168,3 +168,74 @@ def test_a_layer_no_calibration_reached_is_rounded_on_the_min_max_grid():
     assert report.method == "rtn" and "min/max grid" in report.note
     expected = rtn_quantize(linear.weight, QuantizationConfig(method="rtn", group_size=32))
     assert torch.equal(qlinear.dequantize_weight(torch.float32), expected.dequantize())
+
+
+# --- asymmetric calibration (GPTAQ) ------------------------------------------------------------------
+
+from neural_quantization.core.gptq import accumulate_cross, accumulate_hessian, asymmetric_target  # noqa: E402
+
+
+def _asymmetric_objective(q: torch.Tensor, w: torch.Tensor, x: torch.Tensor, x_quant: torch.Tensor) -> float:
+    """``|| X̃ Qᵀ - X Wᵀ ||²``: the quantized layer on the quantized model's inputs against the float layer's outputs."""
+    return float((x_quant @ q.T - x @ w.T).pow(2).sum())
+
+
+def test_gptaq_target_is_the_least_squares_fit_of_the_float_outputs():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 32, generator=g)
+    x = torch.randn(2000, 32, generator=g) * torch.logspace(0, 1, 32)
+    x_quant = x + 0.1 * torch.randn(x.shape, generator=g)  # inputs after the earlier layers' rounding errors
+    hessian, count = accumulate_hessian(None, 0, x_quant[:1200])
+    hessian, _ = accumulate_hessian(hessian, count, x_quant[1200:])
+    cross, count = accumulate_cross(None, 0, x[:1200], x_quant[:1200])
+    cross, _ = accumulate_cross(cross, count, x[1200:], x_quant[1200:])
+    target = asymmetric_target(w, hessian, cross, damp_percent=1e-6)
+    fit = torch.linalg.lstsq(x_quant.double(), x.double() @ w.T.double()).solution.T
+    torch.testing.assert_close(target.double(), fit, rtol=1e-3, atol=1e-3)
+    assert _asymmetric_objective(target, w, x, x_quant) < _asymmetric_objective(w, w, x, x_quant)
+
+
+def test_gptq_towards_the_gptaq_target_lowers_the_asymmetric_objective():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 128, generator=g) ** 3
+    x = torch.randn(4096, 128, generator=g) * torch.logspace(0, 1.5, 128)
+    # the earlier layers' rounding changed the inputs systematically (a function of x the fit can undo)
+    x_quant = x @ (torch.eye(128) + 0.05 * torch.randn(128, 128, generator=g))
+    hessian, _ = accumulate_hessian(None, 0, x_quant)
+    cross, _ = accumulate_cross(None, 0, x, x_quant)
+    config = QuantizationConfig(bits=4, group_size=32)
+    plain = gptq_quantize(w, hessian, config).dequantize()
+    gptaq = gptq_quantize(asymmetric_target(w, hessian, cross, config.damp_percent), hessian, config).dequantize()
+    assert _asymmetric_objective(gptaq, w, x, x_quant) < 0.9 * _asymmetric_objective(plain, w, x, x_quant)
+
+
+def test_gptaq_brings_the_quantized_model_closer_to_the_float_one_and_its_checkpoint_loads(tmp_path):
+    import copy
+
+    model, ids = tiny_model("llama"), tokens(16, 32)
+    with torch.no_grad():
+        reference = model(ids).logits.log_softmax(-1)
+    kl = {}
+    for gptaq in (False, True):
+        config = QuantizationConfig(bits=3, group_size=32, calibration_batch_size=4, gptaq=gptaq)
+        quantized, results = Quantizer(config).quantize_model(copy.deepcopy(model), ids)
+        with torch.no_grad():
+            logits = quantized(ids).logits.log_softmax(-1)
+        kl[gptaq] = float(torch.nn.functional.kl_div(logits, reference, log_target=True, reduction="batchmean"))
+    assert all("GPTAQ" in r["note"] for r in results.layers)
+    assert kl[True] < 0.8 * kl[False]
+    quantized.save_pretrained(tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(quantized(ids[:2]).logits, loaded(ids[:2]).logits)
+
+
+def test_gptaq_is_the_default_where_it_applies_and_refused_where_it_cannot():
+    assert QuantizationConfig().gptaq and not QuantizationConfig(method="rtn").gptaq
+    assert not QuantizationConfig(cascade_stages=[8, 4]).gptaq
+    assert not QuantizationConfig().replace(method="rtn").gptaq  # a defaulted gptaq follows the method
+    assert not QuantizationConfig.from_dict({"bits": 4}).gptaq  # records from before it existed: it was off
+    with pytest.raises(ConfigError, match="method='gptq'"):
+        QuantizationConfig(method="rtn", gptaq=True)
+    with pytest.raises(ConfigError, match="cascade"):
+        QuantizationConfig(cascade_stages=[8, 4], gptaq=True)

@@ -91,6 +91,9 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
     g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="rotate the residual stream by a Hadamard matrix merged into the weights before quantizing "
                         "(spreads outliers; the checkpoint stays an ordinary one)")
+    g.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=None,
+                   help="asymmetric calibration: fit each layer, fed the quantized model's inputs, to the float "
+                        "model's outputs (GPTAQ; undoes the error that reached the layer; one device)")
     g.add_argument("--method", choices=("gptq", "rtn"), default=None, help="solver (default: the preset's, gptq)")
     g.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection")
     g.add_argument("--kernel-backend", choices=("auto", "torch", "triton", "marlin"), default=defaults.kernel_backend,
@@ -390,7 +393,8 @@ def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
     if stages is None and args.cascade:
         stages = list(DEFAULT_CASCADE_STAGES)
     chosen = {"sym": args.sym, "rotate": args.rotate, "method": args.method, "bits": args.bits,
-              "cascade_mode": args.cascade_mode, "static_groups": args.static_groups, "clip": args.clip}
+              "cascade_mode": args.cascade_mode, "static_groups": args.static_groups, "clip": args.clip,
+              "gptaq": args.gptaq}
     return QuantizationConfig.from_preset(
         args.preset,
         **{name: value for name, value in chosen.items() if value is not None},

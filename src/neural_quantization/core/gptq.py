@@ -36,6 +36,19 @@ Options that change the order or the grid:
   above, ``e H_gg eᵀ`` for the rounding error ``e`` of each row ("hessian"; ``core/grid.py``).
 * damping: ``damp_percent · mean(diag(H))`` is added to the diagonal; when the Cholesky
   factorisation still fails, the damping is doubled until it succeeds (the value used is returned).
+
+Asymmetric calibration (GPTAQ; Li et al., "GPTAQ: Efficient Finetuning-Free Quantization for
+Asymmetric Calibration", ICML 2025). In a layer-by-layer pipeline the layer's inputs ``X̃`` come from
+the already-quantized model, while the float model fed it ``X``. Fitting the float layer's *own*
+outputs, ``|| X̃ Qᵀ - X Wᵀ ||²``, instead of ``|| X̃ (Q - W)ᵀ ||²``, lets the solve also undo the
+error that reached the layer. With ``Δ = X - X̃``, ``H = 2/n X̃ᵀ X̃`` and the cross term
+``C = 2/n Δᵀ X̃`` (K, K), that objective is, up to a constant,
+
+    tr((Q - W*) H (Q - W*)ᵀ) / 2,    W* = W + W C (H + λI)^-1
+
+(the least-squares fit of the float outputs from ``X̃``, regularised towards ``W`` by the same
+damping ``λ`` the solve uses): GPTQ on the target ``W*`` with the Hessian ``H`` solves it
+(:func:`accumulate_cross`, :func:`asymmetric_target`).
 """
 
 from __future__ import annotations
@@ -87,6 +100,54 @@ def accumulate_hessian(
     with _tf32_matmul(half_on_gpu):
         hessian.addmm_(x.T, x, alpha=2.0 / total)
     return hessian, total
+
+
+def accumulate_cross(
+    cross: torch.Tensor | None, n_tokens: int, float_inputs: torch.Tensor, inputs: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Fold a batch into the running mean ``C = 2/n · Σ (x - x̃)ᵀ x̃`` (fp32), GPTAQ's cross term.
+
+    float_inputs: (..., K) what the float model fed the layer (``x``); inputs: (..., K) what the
+    quantized model feeds it (``x̃``), for the same tokens. Scaled like :func:`accumulate_hessian`
+    (pass the same token count), so ``C`` and ``H`` combine directly. Returns ``(C, count)``.
+    """
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    delta = float_inputs.reshape(-1, float_inputs.shape[-1]).float() - x
+    batch = x.shape[0]
+    if cross is None:
+        cross = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    total = n_tokens + batch
+    cross.mul_(n_tokens / total)
+    cross.addmm_(delta.T, x, alpha=2.0 / total)
+    return cross, total
+
+
+def asymmetric_target(
+    weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp_percent: float
+) -> torch.Tensor:
+    """GPTAQ's target ``W* = W + W C (H + λI)^-1`` (N, K) fp32, λ = damp · mean(diag H).
+
+    weight: (N, K); hessian ``H`` and cross term ``C``: (K, K) from :func:`accumulate_hessian` and
+    :func:`accumulate_cross` over the same tokens. Inputs that never fire (``diag H = 0``) are
+    treated as in :func:`gptq_quantize`. The damping is doubled until the factorisation succeeds.
+    """
+    W = weight.detach().float()
+    H = hessian.detach().float().to(W.device).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    mean_diag = torch.diag(H).mean()
+    damp = damp_percent
+    H.diagonal().add_(damp * mean_diag)
+    lower, info = torch.linalg.cholesky_ex(H)
+    while int(info) != 0:
+        H.diagonal().add_(damp * mean_diag)  # doubles the damping
+        damp *= 2
+        if damp > MAX_DAMP_PERCENT:
+            raise HessianError("the Hessian is not positive definite even with strong damping; use more or more "
+                               "varied calibration text, or turn asymmetric calibration (gptaq) off.")
+        lower, info = torch.linalg.cholesky_ex(H)
+    correction = torch.cholesky_solve((W @ cross.to(W.device).float()).T, lower).T  # W C (H + λI)^-1
+    return W + correction
 
 
 _HALF_MM_TO_FP32 = [True]  # set to False once torch.mm(..., out_dtype=float32) turned out unsupported

@@ -546,8 +546,13 @@ class _Plan:
             **capture, **runtime, "hidden_states": self.activation_bytes(), "layer_kwargs": kwargs,
             "forward_workspace": batch_hidden,
         })
+        # GPTAQ (asymmetric calibration) keeps a float copy of the layer and the float model's
+        # hidden states beside the quantized ones, and a cross term as large as each Hessian.
+        asym = bool(config.gptaq)
         for index, layer in enumerate(shape.layers):
             base = {**resident(index), **runtime, "hidden_states": waiting, "layer_kwargs": kwargs}
+            if asym:
+                base.update(float_layer_copy=layer.weight_bytes, float_hidden_states=waiting)
             if index > 0:  # storage.load of this layer while the previous inputs are still referenced
                 add(f"layer {index}: loading the layer", {**base, "hidden_states_next": waiting})
             groups = _groups(layer.linears) if config.true_sequential else [list(layer.linears)]
@@ -569,11 +574,14 @@ class _Plan:
                 else:
                     accumulate = 0
                 hook = tokens * widest_k * b + accumulate
+                if asym:  # + the float input kept from the float block, and x - x̃ (and x̃) in fp32
+                    hook += tokens * widest_k * b + FP32 * tokens * widest_k * (1 if b == FP32 else 2)
                 add(f"layer {index}: Hessian forwards for {group[0].name}", {
                     **base, "quantized_linears": solved_packed, "dequantized_linears": solved_copies,
-                    "hessians": hessians, "hidden_states_batch": working_in,
+                    "hessians": hessians, "cross_terms": hessians if asym else 0, "hidden_states_batch": working_in,
                     "forward_workspace": max(fwd_first if g == 0 else fwd, hook),
                 })
+                targets = sum(FP32 * lin.n * lin.k for lin in group) if asym else 0  # W* of each linear
                 for lin in group:
                     work = max(
                         _gptq_workspace(lin.n, lin.k, config.block_size, self.on_cuda),
@@ -582,13 +590,14 @@ class _Plan:
                     )
                     add(f"layer {index}: GPTQ solve of {lin.name} ({lin.n}x{lin.k})", {
                         **base, "quantized_linears": solved_packed, "dequantized_linears": solved_copies,
-                        "hessians": hessians, "solver_workspace": work,
+                        "hessians": hessians, "gptaq_targets": targets, "solver_workspace": work,
                     })
                     solved_packed += self.packed(lin)
                     solved_copies += lin.n * lin.k * b
             add(f"layer {index}: forward to the next layer's inputs", {
                 **base, "quantized_linears": solved_packed, "dequantized_linears": solved_copies,
                 "hidden_states_batch": working_in, "hidden_states_next": outputs, "forward_workspace": fwd,
+                "float_hidden_next": outputs if asym else 0,
             })
 
         if config.quantize_lm_head and shape.head is not None:
@@ -632,7 +641,8 @@ class _Plan:
             return max(run, save, key=lambda t: sum(t.values()))
         runtime = HOST_RUNTIME_BYTES_CUDA
         layers = [layer.weight_bytes for layer in shape.layers]
-        activations = 2 * self.activation_bytes() if self.activations_on_host else 0  # inputs and outputs
+        streams = 2 if self.config.gptaq else 1  # GPTAQ: the float model's hidden states too
+        activations = 2 * streams * self.activation_bytes() if self.activations_on_host else 0  # inputs and outputs
         tokens = self.num_samples * self.seq_len * 8
         if self.stream_weights:
             biggest = max(layers, default=0)
@@ -674,10 +684,11 @@ class _Plan:
                 partial += before + (attention_per_token if g > 0 else 0)
                 before += sum(2 * lin.n * lin.k for lin in group)
                 ks = [group[0].k] if config.true_sequential else [lin.k for lin in group]
-                hessians += sum(2 * tokens * k * k for k in ks) / hessian_rate
+                hessians += (2 if config.gptaq else 1) * sum(2 * tokens * k * k for k in ks) / hessian_rate
             if not config.true_sequential:
                 partial = full
-            forward += tokens * (partial + full) / matmul + self.seq_len * full / matmul  # + linear_groups
+            passes = 2 if config.gptaq else 1  # GPTAQ runs the float block beside the quantized one
+            forward += passes * tokens * (partial + full) / matmul + self.seq_len * full / matmul  # + linear_groups
             for lin in layer.linears:
                 solve += lin.k * (rate.column_seconds + rate.column_row_seconds * lin.n)
                 solve += 1.33 * lin.k ** 3 / rate.factor_flops + 3 * lin.n * lin.k * lin.k / rate.fp32_flops

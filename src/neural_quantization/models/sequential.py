@@ -14,6 +14,11 @@
         run the quantized layer once more: its outputs are the next layer's inputs
         move the layer back to where it came from
 
+With asymmetric calibration (``config.gptaq``) a float copy of each layer runs beside it on a
+second stream of activations (the float model's), and each group's hooks also fold the cross term
+``C = 2/n Σ (x - x̃)ᵀ x̃`` of the float inputs ``x`` and the quantized model's ``x̃``; each linear is
+then solved towards GPTAQ's target (``core/gptq.py``).
+
 Only one decoder layer is on the compute device at a time. Because later groups and later layers
 see the outputs of the already-quantized ones, each solve compensates the errors made before it.
 
@@ -38,7 +43,7 @@ import torch
 from torch import nn
 
 from neural_quantization.config import QuantizationConfig
-from neural_quantization.core.gptq import accumulate_hessian, gptq_quantize
+from neural_quantization.core.gptq import accumulate_cross, accumulate_hessian, asymmetric_target, gptq_quantize
 from neural_quantization.core.rtn import rtn_quantize
 from neural_quantization.nn.modules import (
     find_decoder_layers,
@@ -264,10 +269,86 @@ def _mean_hessian(parts: list[tuple[torch.Tensor | None, int]], device: torch.de
 
 
 @torch.no_grad()
+def collect_asymmetric_hessians(
+    blocks: list[nn.Module],
+    float_blocks: list[nn.Module],
+    group: list[str],
+    inputs: LayerInputs,
+    float_hidden: list[torch.Tensor],
+    shared_input: bool,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Like :func:`collect_hessians`, also with GPTAQ's cross term: ``(H, C)`` per linear of ``group``.
+
+    For each calibration batch the float block runs first on the float model's hidden states
+    ``float_hidden`` (the same masks and positions) and its hooks keep what each linear of the group
+    reads (``x``); then the block being quantized runs on ``inputs`` and its hooks fold ``x̃`` into
+    ``H = 2/n Σ x̃ᵀ x̃`` and ``(x - x̃)`` into ``C = 2/n Σ (x - x̃)ᵀ x̃``. ``blocks`` / ``float_blocks``:
+    one replica per device (``inputs.replica`` says which runs each batch); the token-weighted means
+    land on the first device.
+    """
+    hooked = group[:1] if shared_input else group
+    state = [{name: (None, None, 0) for name in hooked} for _ in blocks]
+    float_inputs: dict[str, torch.Tensor] = {}
+    pending: set[str] = set()
+
+    def keep(name: str) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            float_inputs[name] = args[0]
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+
+        return pre_hook
+
+    def fold(replica: int, name: str) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            hessian, cross, count = state[replica][name]
+            cross, _ = accumulate_cross(cross, count, float_inputs.pop(name), args[0])
+            hessian, count = accumulate_hessian(hessian, count, args[0])
+            state[replica][name] = (hessian, cross, count)
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+
+        return pre_hook
+
+    handles = [f.get_submodule(name).register_forward_pre_hook(keep(name)) for f in float_blocks for name in hooked]
+    handles += [block.get_submodule(name).register_forward_pre_hook(fold(r, name))
+                for r, block in enumerate(blocks) for name in hooked]
+    devices = [module_device(block) for block in blocks]
+    try:
+        for batch, (hidden, float_h, kwargs) in enumerate(zip(inputs.hidden, float_hidden, inputs.kwargs)):
+            r = inputs.replica_of(batch)
+            for module, states in ((float_blocks[r], float_h), (blocks[r], hidden)):
+                pending.update(hooked)
+                try:
+                    module(states.to(devices[r]), **kwargs)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+    for name in hooked:
+        hessian = _mean_hessian([(part[name][0], part[name][2]) for part in state], devices[0])
+        cross = _mean_hessian([(part[name][1], part[name][2]) for part in state], devices[0])
+        pairs[name] = (hessian, cross) if hessian is not None else None
+    return {name: pairs[group[0]] for name in group} if shared_input else pairs
+
+
+@torch.no_grad()
 def quantize_linear(
-    name: str, linear: nn.Linear, hessian: torch.Tensor | None, config: QuantizationConfig
+    name: str,
+    linear: nn.Linear,
+    hessian: torch.Tensor | None,
+    config: QuantizationConfig,
+    target: torch.Tensor | None = None,
 ) -> tuple[QuantLinear, LinearReport]:
-    """Solve one linear layer and build its replacement; RTN where no Hessian is available."""
+    """Solve one linear layer and build its replacement; RTN where no Hessian is available.
+
+    target: the weight GPTQ fits instead of ``linear.weight`` (GPTAQ's ``W*``, (N, K) fp32); the
+    reported loss is then measured against it.
+    """
     start = time.perf_counter()
     note = ""
     method = config.method
@@ -276,7 +357,9 @@ def quantize_linear(
         if config.clip == "hessian":  # no Hessian to weight the clip search by: the plain min/max grid
             config, note = config.replace(method="rtn", clip="minmax"), note + " (min/max grid)"
     if method == "gptq":
-        quantized = gptq_quantize(linear.weight, hessian, config)
+        quantized = gptq_quantize(linear.weight if target is None else target, hessian, config)
+        if target is not None:
+            note = "asymmetric calibration (GPTAQ): fitted to the float model's outputs"
     else:
         quantized = rtn_quantize(linear.weight, config, hessian)
     if config.group_size != -1 and linear.in_features % config.group_size:
@@ -324,12 +407,17 @@ LinearSolver = Callable[
 
 
 def solve_linear(
-    name: str, linear: nn.Linear, hessian: torch.Tensor | None, config: QuantizationConfig
+    name: str,
+    linear: nn.Linear,
+    hessian: torch.Tensor | None,
+    config: QuantizationConfig,
+    target: torch.Tensor | None = None,
 ) -> tuple[nn.Module, nn.Module, list[LinearReport]]:
     """The default :data:`LinearSolver`: GPTQ or RTN; the QuantLinear is kept, and the calibration
     runs on through an ``nn.Linear`` holding its dequantized weight (the same numbers as the
-    QuantLinear's reference path, without unpacking per batch or tuning GPU kernels mid-run)."""
-    qlinear, report = quantize_linear(name, linear, hessian, config)
+    QuantLinear's reference path, without unpacking per batch or tuning GPU kernels mid-run).
+    ``target``: GPTAQ's weight to fit (:func:`quantize_linear`)."""
+    qlinear, report = quantize_linear(name, linear, hessian, config, target)
     return dequantized_linear(qlinear, linear.weight.dtype), qlinear, [report]
 
 
@@ -370,6 +458,7 @@ def quantize_decoder_layers(
     work_dir = storage.work_dir
     devices = list(devices or [device])
     calibrate = config.method != "rtn"
+    asymmetric = calibrate and config.gptaq
     reports: list[LinearReport] = []
 
     rest_home = model.get_input_embeddings().weight.device
@@ -379,6 +468,7 @@ def quantize_decoder_layers(
         hidden, layer_kwargs = capture_layer_inputs(model, layers, batches, device)
         replica_of_batch = [b % len(devices) for b in range(len(batches))]
         hidden = [h.to(storage.activations_device or devices[r]) for h, r in zip(hidden, replica_of_batch)]
+        float_hidden = list(hidden) if asymmetric else None  # the float model's stream: equal at layer 0
 
     for index, block in enumerate(layers):
         prefix = f"{layers_name}.{index}."
@@ -388,16 +478,22 @@ def quantize_decoder_layers(
                 kwargs=[_to_device(k, devices[r]) for k, r in zip(layer_kwargs[index], replica_of_batch)],
                 replica=replica_of_batch,
             )
+        float_block = None
         if work_dir is not None and work_dir.has_layer(index):
             # Resume: the finished layer from the work directory, replayed for the next layer's inputs.
+            if asymmetric:
+                float_block = copy.deepcopy(block)
+                storage.load(index, prefix, float_block, device)
             layer_reports = restore_layer(block, work_dir, index, prefix, config, storage, device)
             if calibrate:
                 hidden = replay_block(block, inputs, storage.activations_device, devices)
         else:
             storage.load(index, prefix, block, device)
             if calibrate:
+                float_block = copy.deepcopy(block) if asymmetric else None
                 layer_reports, hidden = quantize_block(
-                    block, prefix, inputs, config, solve, storage.activations_device, devices
+                    block, prefix, inputs, config, solve, storage.activations_device, devices,
+                    float_block=float_block, float_hidden=float_hidden,
                 )
             else:
                 layer_reports = []
@@ -408,6 +504,10 @@ def quantize_decoder_layers(
             if work_dir is not None:
                 work_dir.write_layer(index, {prefix + k: v for k, v in block.state_dict().items()},
                                      [r.to_dict() for r in layer_reports])
+        if float_block is not None:  # the float model's next hidden states, then the float copy goes
+            float_inputs = LayerInputs(hidden=float_hidden, kwargs=inputs.kwargs, replica=replica_of_batch)
+            float_hidden = run_block(replicate(float_block, devices), float_inputs, storage.activations_device)
+            del float_block, float_inputs
         reports.extend(layer_reports)
         storage.release(index, block)
         if calibrate:
@@ -437,12 +537,16 @@ def quantize_block(
     solve: LinearSolver,
     activations_device: torch.device | None,
     devices: list[torch.device] | None = None,
+    float_block: nn.Module | None = None,
+    float_hidden: list[torch.Tensor] | None = None,
 ) -> tuple[list[LinearReport], list[torch.Tensor]]:
     """GPTQ every linear of one decoder block; returns the reports and the block's outputs.
 
     With several ``devices`` the block is replicated (see :func:`quantize_decoder_layers`); the
     solved layers then replace the originals in every replica, and the kept ones end up in
-    ``block`` on the first device.
+    ``block`` on the first device. ``float_block`` (an untouched copy of the block) and
+    ``float_hidden`` (the float model's hidden states entering it) turn on asymmetric calibration:
+    each linear is solved towards GPTAQ's target.
     """
     devices = devices or [module_device(block)]
     replicas = replicate(block, devices)
@@ -453,9 +557,20 @@ def quantize_block(
         groups = [list(linears)]
     reports: list[LinearReport] = []
     kept: dict[str, nn.Module] = {}
+    float_replicas = replicate(float_block, devices) if float_block is not None else []
     for group in groups:
-        hessians = collect_hessians(replicas, linears, group, inputs, shared_input=config.true_sequential)
-        solved = _solve_group(prefix, group, replicas, hessians, config, solve)
+        targets: dict[str, torch.Tensor | None] = {}
+        if float_block is None:
+            hessians = collect_hessians(replicas, linears, group, inputs, shared_input=config.true_sequential)
+        else:
+            pairs = collect_asymmetric_hessians(replicas, float_replicas, group, inputs, float_hidden,
+                                                shared_input=config.true_sequential)
+            hessians = {name: pair[0] if pair is not None else None for name, pair in pairs.items()}
+            for name, pair in pairs.items():
+                damp = config.for_module(prefix + name).damp_percent
+                targets[name] = asymmetric_target(linears[name].weight, *pair, damp) if pair is not None else None
+            del pairs
+        solved = _solve_group(prefix, group, replicas, hessians, config, solve, targets)
         for name, (used, kept[name], linear_reports) in zip(group, solved):
             for replica in replicas:
                 set_submodule(replica, name, _on_device(used, module_device(replica)))
@@ -480,20 +595,28 @@ def _solve_group(
     hessians: dict[str, torch.Tensor | None],
     config: QuantizationConfig,
     solve: LinearSolver,
+    targets: dict[str, torch.Tensor | None] | None = None,
 ) -> list[tuple[nn.Module, nn.Module, list[LinearReport]]]:
     """Solve the linears of one group; with several replicas (and the default solver), linear ``j``
-    on replica ``j mod n``, one thread per device. Results come back in ``group`` order."""
+    on replica ``j mod n``, one thread per device. Results come back in ``group`` order.
+    ``targets``: GPTAQ's weights to fit, by name (see :func:`quantize_linear`)."""
+
+    targets = targets or {}
+
+    def extra(name: str) -> dict[str, torch.Tensor]:  # the solver's keyword for a GPTAQ target, if any
+        return {"target": targets[name]} if targets.get(name) is not None else {}
 
     def solve_on(j: int, name: str) -> tuple[nn.Module, nn.Module, list[LinearReport]]:
         replica = replicas[j % len(replicas)]
         device = module_device(replica)
         hessian = hessians[name].to(device) if hessians[name] is not None else None
+        target = {k: v.to(device) for k, v in extra(name).items()}
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            return solve(prefix + name, replica.get_submodule(name), hessian, config.for_module(prefix + name))
+            return solve(prefix + name, replica.get_submodule(name), hessian, config.for_module(prefix + name), **target)
 
     if len(replicas) == 1 or len(group) == 1 or solve is not solve_linear:
-        return [solve(prefix + name, replicas[0].get_submodule(name), hessians[name], config.for_module(prefix + name))
-                for name in group]
+        return [solve(prefix + name, replicas[0].get_submodule(name), hessians[name], config.for_module(prefix + name),
+                      **extra(name)) for name in group]
     for replica in replicas:
         _warm_up_solver(module_device(replica), config)
     with ThreadPoolExecutor(max_workers=len(replicas)) as pool:
