@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="measure a quantized checkpoint against its reference, per language",
                        formatter_class=_Formatter)
-    e.add_argument("--model", required=True, help="quantized checkpoint directory")
+    e.add_argument("--model", required=True, help="quantized checkpoint directory (GPTQ, compressed-tensors) or .gguf file")
     e.add_argument("--baseline", default=None, help="reference model; default: the base model recorded in the checkpoint")
     e.add_argument("--target-languages", nargs="+", default=list(DEFAULT_LANGUAGES), help="languages to evaluate")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(or a directory without weights) they are estimated for --bits / --group-size, so you can plan "
         "before downloading.",
     )
-    r.add_argument("source", metavar="DIR_OR_CONFIG", help="checkpoint directory or config.json")
+    r.add_argument("source", metavar="DIR_OR_CONFIG", help="checkpoint directory, config.json or .gguf file")
     r.add_argument("--context", type=int, default=4096, help="tokens of KV cache per sequence")
     r.add_argument("--batch", type=int, default=1, help="sequences held at once")
     r.add_argument("--bits", type=int, default=4, help="estimate only: code width")
