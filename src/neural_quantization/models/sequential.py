@@ -478,22 +478,23 @@ def quantize_decoder_layers(
                 kwargs=[_to_device(k, devices[r]) for k, r in zip(layer_kwargs[index], replica_of_batch)],
                 replica=replica_of_batch,
             )
-        float_block = None
+        float_blocks = None  # GPTAQ: an untouched copy of the layer, one replica per device
         if work_dir is not None and work_dir.has_layer(index):
             # Resume: the finished layer from the work directory, replayed for the next layer's inputs.
             if asymmetric:
                 float_block = copy.deepcopy(block)
                 storage.load(index, prefix, float_block, device)
+                float_blocks = replicate(float_block, devices)
             layer_reports = restore_layer(block, work_dir, index, prefix, config, storage, device)
             if calibrate:
                 hidden = replay_block(block, inputs, storage.activations_device, devices)
         else:
             storage.load(index, prefix, block, device)
             if calibrate:
-                float_block = copy.deepcopy(block) if asymmetric else None
+                float_blocks = replicate(copy.deepcopy(block), devices) if asymmetric else None
                 layer_reports, hidden = quantize_block(
                     block, prefix, inputs, config, solve, storage.activations_device, devices,
-                    float_block=float_block, float_hidden=float_hidden,
+                    float_blocks=float_blocks, float_hidden=float_hidden,
                 )
             else:
                 layer_reports = []
@@ -504,10 +505,10 @@ def quantize_decoder_layers(
             if work_dir is not None:
                 work_dir.write_layer(index, {prefix + k: v for k, v in block.state_dict().items()},
                                      [r.to_dict() for r in layer_reports])
-        if float_block is not None:  # the float model's next hidden states, then the float copy goes
+        if float_blocks is not None:  # the float model's next hidden states, then the float copies go
             float_inputs = LayerInputs(hidden=float_hidden, kwargs=inputs.kwargs, replica=replica_of_batch)
-            float_hidden = run_block(replicate(float_block, devices), float_inputs, storage.activations_device)
-            del float_block, float_inputs
+            float_hidden = run_block(float_blocks, float_inputs, storage.activations_device)
+            del float_blocks, float_inputs
         reports.extend(layer_reports)
         storage.release(index, block)
         if calibrate:
@@ -537,16 +538,16 @@ def quantize_block(
     solve: LinearSolver,
     activations_device: torch.device | None,
     devices: list[torch.device] | None = None,
-    float_block: nn.Module | None = None,
+    float_blocks: list[nn.Module] | None = None,
     float_hidden: list[torch.Tensor] | None = None,
 ) -> tuple[list[LinearReport], list[torch.Tensor]]:
     """GPTQ every linear of one decoder block; returns the reports and the block's outputs.
 
     With several ``devices`` the block is replicated (see :func:`quantize_decoder_layers`); the
     solved layers then replace the originals in every replica, and the kept ones end up in
-    ``block`` on the first device. ``float_block`` (an untouched copy of the block) and
-    ``float_hidden`` (the float model's hidden states entering it) turn on asymmetric calibration:
-    each linear is solved towards GPTAQ's target.
+    ``block`` on the first device. ``float_blocks`` (untouched copies of the block, one per device)
+    and ``float_hidden`` (the float model's hidden states entering it) turn on asymmetric
+    calibration: each linear is solved towards GPTAQ's target.
     """
     devices = devices or [module_device(block)]
     replicas = replicate(block, devices)
@@ -557,13 +558,12 @@ def quantize_block(
         groups = [list(linears)]
     reports: list[LinearReport] = []
     kept: dict[str, nn.Module] = {}
-    float_replicas = replicate(float_block, devices) if float_block is not None else []
     for group in groups:
         targets: dict[str, torch.Tensor | None] = {}
-        if float_block is None:
+        if float_blocks is None:
             hessians = collect_hessians(replicas, linears, group, inputs, shared_input=config.true_sequential)
         else:
-            pairs = collect_asymmetric_hessians(replicas, float_replicas, group, inputs, float_hidden,
+            pairs = collect_asymmetric_hessians(replicas, float_blocks, group, inputs, float_hidden,
                                                 shared_input=config.true_sequential)
             hessians = {name: pair[0] if pair is not None else None for name, pair in pairs.items()}
             for name, pair in pairs.items():
