@@ -132,22 +132,28 @@ def asymmetric_target(
     treated as in :func:`gptq_quantize`. The damping is doubled until the factorisation succeeds.
     """
     W = weight.detach().float()
-    H = hessian.detach().float().to(W.device).clone()
+    H = hessian.detach().float().to(W.device)  # not modified: _damped_cholesky works on a copy
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    if bool(dead.any()):
+        H = H.clone()
+        H[dead, dead] = 1
     mean_diag = torch.diag(H).mean()
     damp = damp_percent
-    H.diagonal().add_(damp * mean_diag)
-    lower, info = torch.linalg.cholesky_ex(H)
-    while int(info) != 0:
-        H.diagonal().add_(damp * mean_diag)  # doubles the damping
+    while damp <= MAX_DAMP_PERCENT:
+        lower = _damped_cholesky(H, damp, mean_diag)
+        if lower is not None:
+            return W + torch.cholesky_solve((W @ cross.to(W.device).float()).T, lower).T  # W C (H + λI)^-1
         damp *= 2
-        if damp > MAX_DAMP_PERCENT:
-            raise HessianError("the Hessian is not positive definite even with strong damping; use more or more "
-                               "varied calibration text, or turn asymmetric calibration (gptaq) off.")
-        lower, info = torch.linalg.cholesky_ex(H)
-    correction = torch.cholesky_solve((W @ cross.to(W.device).float()).T, lower).T  # W C (H + λI)^-1
-    return W + correction
+    raise HessianError("the Hessian is not positive definite even with strong damping; use more or more "
+                       "varied calibration text, or turn asymmetric calibration (gptaq) off.")
+
+
+def _damped_cholesky(hessian: torch.Tensor, damp: float, mean_diag: torch.Tensor) -> torch.Tensor | None:
+    """The lower Cholesky factor of ``H + damp · mean_diag · I``, or None where it does not exist."""
+    damped = hessian.clone()
+    damped.diagonal().add_(damp * mean_diag)
+    lower, info = torch.linalg.cholesky_ex(damped)
+    return lower if int(info) == 0 else None
 
 
 _HALF_MM_TO_FP32 = [True]  # set to False once torch.mm(..., out_dtype=float32) turned out unsupported
@@ -185,11 +191,8 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float) -> tupl
     damp = damp_percent
     while damp <= MAX_DAMP_PERCENT:
         # At most three (K, K) matrices alive at once (H, and two of: damped H, factor, inverse).
-        damped = hessian.clone()
-        damped.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if int(info) == 0:
+        lower = _damped_cholesky(hessian, damp, mean_diag)
+        if lower is not None:
             inverse = torch.cholesky_inverse(lower)
             del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
