@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     from neural_quantization._version import __version__
 
     parser.add_argument("--version", action="version", version=f"neural-quantization {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,generate,analyze,bench,deploy-report}")
+    sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,generate,analyze,tune,bench,deploy-report}")
 
     q = sub.add_parser("quantize", help="quantize a model and save a GPTQ checkpoint", formatter_class=_Formatter)
     q.add_argument("--model-name", required=True,
@@ -269,6 +270,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The benchmarks own their options (bench/kernels.py, bench/decode.py);
     # `neural-quantize bench --help` and `neural-quantize bench decode --help` list them.
+    t = sub.add_parser("tune", formatter_class=_Formatter,
+                       help="time the int4 kernels for a checkpoint's layer shapes on this GPU and cache the fastest "
+                            "choices, so its first forward needs no tuning",
+                       description="Shapes come from the checkpoint (each quantized linear, and the fused q/k/v and "
+                                   "gate/up groups `generate` runs); each token count is tuned per activation dtype. "
+                                   "Choices go to the user's tuning cache (~/.cache/neural_quantization/tuning, or "
+                                   "$NQ_TUNING_CACHE); keys already cached or shipped are skipped unless --retune. "
+                                   "Also builds the CUDA extension if it is not built yet.")
+    t.add_argument("model", metavar="MODEL_DIR", help="quantized checkpoint directory (ours, GPTQModel's, "
+                                                      "llm-compressor's) or .gguf file")
+    t.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="activation rows to tune (batch × new tokens in decode, prompt length in prefill); "
+                        "default 1 2 4 … 4096")
+    t.add_argument("--dtype", nargs="+", default=["float16"], choices=["float16", "bfloat16"],
+                   help="activation dtypes the model will run in")
+    t.add_argument("--no-fused", action="store_true", help="skip the fused q/k/v and gate/up shapes")
+    t.add_argument("--retune", action="store_true", help="tune keys that already have a stored choice too")
+    t.add_argument("--json", default=None, metavar="PATH", help="also write every tuned key as JSON")
+    t.add_argument("--trust-remote-code", action="store_true", help="run the model's own Python code")
+
     b = sub.add_parser("bench", add_help=False,
                        help="GPU speed: kernels against cuBLAS fp16 and PyTorch int4; `bench decode`: end-to-end "
                             "decode tokens/s, fp16 vs int4")
@@ -609,6 +630,46 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_tune(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from neural_quantization.generation.session import load_for_generation
+    from neural_quantization.kernels import tuning, tuning_cache
+    from neural_quantization.nn.kernel_tuning import tune_model
+
+    if not torch.cuda.is_available():
+        raise ValueError("tune times the kernels on an NVIDIA GPU and none is visible here "
+                         "(torch.cuda.is_available() is False); run it on the machine that will serve the model.")
+    if args.tokens is not None and min(args.tokens) < 1:
+        raise ValueError(f"--tokens {' '.join(map(str, args.tokens))}: every token count must be at least 1.")
+    console = Console(soft_wrap=True)
+    dtypes = [getattr(torch, name) for name in args.dtype]
+    model, _, _ = load_for_generation(args.model, torch.device("cuda"), args.dtype[0], args.trust_remote_code)
+    started = time.perf_counter()
+    rows = tune_model(model, args.tokens or tuning.DEFAULT_TOKEN_COUNTS, dtypes, fused=not args.no_fused,
+                      retune=args.retune, log=console.print)
+    seconds = time.perf_counter() - started
+    table = Table(title=f"kernel choices tuned on {torch.cuda.get_device_name()}")
+    for column in ("layer shape", "M", "dtype", "tuned µs", "heuristic µs", "heuristic / tuned", "choice"):
+        table.add_column(column, justify="left" if column in ("layer shape", "choice", "dtype") else "right")
+    for row in rows:
+        table.add_row(row["shape"], str(row["M"]), row["dtype"], f"{row['tuned_us']:.1f}", f"{row['heuristic_us']:.1f}",
+                      f"{row['heuristic_over_tuned']:.2f}", row["tuned"])
+    if rows:
+        console.print(table)
+    where = tuning_cache.user_cache_file(torch.cuda.get_device_name())
+    console.print(f"{len(rows)} keys tuned in {seconds:.0f} s"
+                  + (f"; saved to {where}" if where is not None else f" (not saved: {tuning_cache.ENV_CACHE} is off)")
+                  + ("" if rows else " (every key already had a stored choice; --retune tunes them again)"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": str(args.model), "seconds": round(seconds, 1), "rows": rows},
+                                              indent=2) + "\n", encoding="utf-8")
+        console.print(f"JSON written to {args.json}")
+    return 0
+
+
 def run_bench(bench_args: list[str]) -> int:
     """Hand the arguments to the benchmark, which owns its options: ``bench decode …`` the end-to-end
     decode benchmark (``bench/decode.py``), ``bench generate …`` ``generate`` against fp16 and eager
@@ -655,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "analyze":
             return run_analyze(args)
+        if args.command == "tune":
+            return run_tune(args)
         return run_bench(args.bench_args)
     except _user_errors() as err:
         print(f"neural-quantize: error: {_one_line(err)}", file=sys.stderr)

@@ -8,7 +8,8 @@ intermediate 14336, 32 heads, 8 KV heads, vocab 32000) with random fp16 weights 
 speed depends on shapes, not values. For each precision and batch size:
 
 1. prefill a short random prompt eagerly into a ``StaticCache`` (this is also the first eager
-   forward that prepares the kernel layout and tunes the kernels for the shapes it sees);
+   forward that prepares the kernel layout and picks the kernels for the shapes it sees: the
+   stored choices, shipped or in the user's tuning cache, else the heuristic, as a user's run does);
 2. run the single-token decode step a few times eagerly (with ``--compile``: through
    ``torch.compile``, for both precisions), then capture it in one CUDA graph;
 3. replay the graph ``--steps`` times between CUDA events: tokens/s = batch · steps / time;

@@ -28,19 +28,24 @@ needs is resolved once per (layer, M, dtype, alignment) and later calls only all
 and launch the compiled kernel.
 
 The choice is cached per key ``(device, M bucket, K, N, dtype, bits, group mode, symmetric,
-act-order)`` with M buckets 1, 2, 4, 8, 16, 32, 64, … (next power of two). A missing key is tuned on
-the spot when that is safe (an eager call on CUDA, not inside a graph capture or a torch.compile
-trace, and ``NQ_KERNEL_AUTOTUNE`` not set to 0): every candidate is timed in a private CUDA graph
-of back-to-back launches and the fastest is kept. Where tuning is not safe the heuristic
-:func:`default_config` is used, so nothing on the call path ever synchronizes inside a capture.
-Tuning results can be saved and loaded (``export_tuning`` / ``import_tuning``) to tune ahead.
+act-order)`` with M buckets 1, 2, 4, 8, 16, 32, 64, … (next power of two). Choices persist across
+processes (``kernels/tuning_cache.py``): the shipped defaults for the GPU and the user's tuning
+cache are read on the first eager call on a device. A key found there (or, failing that, the same
+shape tuned with the other symmetry or act-order, which launch the same kernels) is used as is.
+A key found nowhere takes the heuristic :func:`default_config` at once, so the first forward of a
+new model never stalls on tuning; ``neural-quantize tune MODEL_DIR`` (``kernels/tuning.py``) tunes
+a model's keys ahead and saves them, and ``NQ_KERNEL_AUTOTUNE=1`` tunes a missing key on the spot
+(an eager call on CUDA, not inside a graph capture or a torch.compile trace): every candidate is
+timed in a private CUDA graph of back-to-back launches, the fastest is kept and saved. Nothing on
+the call path ever synchronizes inside a capture.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import triton
@@ -50,6 +55,7 @@ from neural_quantization.kernels.triton.dot_slices import dot_slices_kernel
 from neural_quantization.kernels.triton.dot_splitk import dot_splitk_kernel
 from neural_quantization.kernels.triton.gemv_rows import gemv_rows_kernel
 from neural_quantization.kernels.triton.gemv_splitk import gemv_splitk_kernel
+from neural_quantization.kernels import tuning_cache
 from neural_quantization.kernels.timing import time_in_graph
 
 _SLICES = ("dot_slices", "dot_slices_swap", "dot_slices_xs", "dot_slices_swap_xs")
@@ -499,6 +505,9 @@ def default_config(M: int, K: int, N: int, bits: int, sm_count: int, group_size:
 _TUNED: dict[tuple, LaunchConfig] = {}
 _TUNING_ROTATION_BYTES = 128 * 1024 * 1024
 TUNING_LOG: list[dict] = []
+_PERSISTENT_LOADED: set[str] = set()  # devices whose stored choices are in _TUNED
+_CHOSEN: dict[tuple, LaunchConfig] = {}  # eager keys served by a neighbouring stored choice or the heuristic
+_AUTOTUNE_OVERRIDE: list[bool] = []
 
 
 def _key(x2d, K, N, bits, group_size, symmetric, has_perm):
@@ -507,66 +516,176 @@ def _key(x2d, K, N, bits, group_size, symmetric, has_perm):
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("NQ_KERNEL_AUTOTUNE", "1") not in ("0", "false", "False", "")
+    """Whether a key missing from every cache is tuned on the spot (``NQ_KERNEL_AUTOTUNE=1`` or
+    inside :func:`tuning_on_the_spot`); otherwise it takes the heuristic choice."""
+    if _AUTOTUNE_OVERRIDE:
+        return _AUTOTUNE_OVERRIDE[-1]
+    return os.environ.get("NQ_KERNEL_AUTOTUNE", "0") not in ("0", "false", "False", "")
 
 
-def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric) -> LaunchConfig:
-    """Time every candidate on these inputs (eagerly, CUDA only) and cache the fastest.
+@contextlib.contextmanager
+def tuning_on_the_spot(enabled: bool = True):
+    """Within this block, missing keys are tuned (and saved) at their first eager call, or never."""
+    _AUTOTUNE_OVERRIDE.append(enabled)
+    try:
+        yield
+    finally:
+        _AUTOTUNE_OVERRIDE.pop()
 
-    The weights are cloned into enough copies to exceed the L2 cache and the timed graph cycles
-    through them, so candidates are compared on weights streamed from DRAM, as in a model.
-    """
-    M, N = x2d.shape[0], qweight.shape[1]
-    sm_count = _sm_count(x2d.device)
-    _tickets(x2d.device, 1 << 16)
+
+def _stored_config(entry: dict, device: torch.device) -> LaunchConfig | None:
+    """The ``LaunchConfig`` of a stored entry, or None where it cannot run here (an unknown field or
+    strategy, or a CUDA-extension strategy where the extension does not build)."""
+    known = {field.name for field in fields(LaunchConfig)}
+    values = entry["config"]
+    if not set(values) <= known or values.get("strategy") not in STRATEGIES:
+        return None
+    try:
+        config = LaunchConfig(**values)
+    except TypeError:
+        return None
+    if config.strategy == "cuda_gemv" and not cuda_gemv_ready(device.type):
+        return None
+    if config.strategy == "cuda_mma" and not cuda_mma_ready(device):
+        return None
+    return config
+
+
+def load_stored_choices(device: torch.device) -> int:
+    """Put the shipped defaults and the user's cache for this GPU into the in-process table (once per
+    device; eager only: reading them may build the CUDA extension). Returns how many were taken."""
+    device = torch.device(device)
+    name = str(device)
+    if device.type != "cuda" or name in _PERSISTENT_LOADED:
+        return 0
+    _PERSISTENT_LOADED.add(name)
+    taken = 0
+    for entry in tuning_cache.load(torch.cuda.get_device_name(device)):
+        config = _stored_config(entry, device)
+        if config is not None:
+            _TUNED[(name, *tuning_cache.entry_key(entry))] = config
+            taken += 1
+    return taken
+
+
+def _stored_choice(key: tuple) -> LaunchConfig | None:
+    """The choice for ``key``, or for the same shape with the other symmetry / act-order (the same
+    kernels run both; only the zero loads and the activation gather differ)."""
+    config = _TUNED.get(key)
+    if config is not None:
+        return config
+    for symmetric, act_order in ((key[7], not key[8]), (not key[7], key[8]), (not key[7], not key[8])):
+        config = _TUNED.get((*key[:7], symmetric, act_order))
+        if config is not None:
+            return config
+    return None
+
+
+def _entry(key: tuple, config: LaunchConfig, elapsed_us: float) -> dict:
+    values = dict(zip(tuning_cache.KEY_FIELDS, key[1:]))
+    return {**values, "config": asdict(config), "us": round(elapsed_us, 3)}
+
+
+def weight_copies(qweight, qzeros, scales) -> list[tuple]:
+    """The layer's tensors plus enough clones to exceed the L2 cache together (tuning rotates them,
+    so candidates are compared on weights streamed from DRAM, as in a model)."""
     layer_bytes = sum(t.numel() * t.element_size() for t in (qweight, qzeros, scales))
-    copies = [(qweight, qzeros, scales)] + [
+    return [(qweight, qzeros, scales)] + [
         (qweight.clone(), qzeros.clone(), scales.clone())
         for _ in range(min(9, _TUNING_ROTATION_BYTES // max(layer_bytes, 1)))
     ]
+
+
+def time_config(config: LaunchConfig, x2d, copies, perm, bias, bits, group_size, in_features, symmetric) -> float:
+    """µs per call of ``config`` on these inputs, cycling through ``copies`` (see :func:`weight_copies`)
+    in a private CUDA graph; raises where the configuration does not compile or fit."""
+    launches = [
+        (lambda w=w: launch(config, x2d, w[0], w[1], w[2], perm, bias, bits, group_size, in_features, symmetric))
+        for w in copies
+    ]
+    launches[0]()
+    torch.cuda.synchronize(x2d.device)
+    return time_in_graph(launches, calls=max(10, len(launches)), repeats=5)
+
+
+def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric,
+         copies: list[tuple] | None = None) -> LaunchConfig:
+    """Time every candidate on these inputs (eagerly, CUDA only), keep the fastest and save it in the
+    user's tuning cache (``kernels/tuning_cache.py``)."""
+    M, N = x2d.shape[0], qweight.shape[1]
+    sm_count = _sm_count(x2d.device)
+    _tickets(x2d.device, 1 << 16)
+    copies = copies or weight_copies(qweight, qzeros, scales)
     best, best_time, timings = None, float("inf"), {}
     cuda_kernels = bits == 4 and M <= 2 and cuda_gemv_ready(x2d.device.type)
     with_mma = bits == 4 and M <= 16 and cuda_mma_ready(x2d.device)
     for config in candidate_configs(M, in_features, N, bits, sm_count, group_size, cuda_kernels, with_mma,
                                     scales.dtype):
-        launches = [
-            (lambda config=config, w=w: launch(config, x2d, w[0], w[1], w[2], perm, bias, bits, group_size,
-                                               in_features, symmetric))
-            for w in copies
-        ]
         try:
-            launches[0]()
-            torch.cuda.synchronize(x2d.device)
-            elapsed = time_in_graph(launches, calls=max(10, len(launches)), repeats=5)
+            elapsed = time_config(config, x2d, copies, perm, bias, bits, group_size, in_features, symmetric)
         except Exception as error:  # a configuration that does not compile or fit is skipped
             timings[config.describe()] = f"failed: {type(error).__name__}"
             continue
         timings[config.describe()] = round(elapsed, 2)
         if elapsed < best_time:
             best, best_time = config, elapsed
+    key = _key(x2d, in_features, N, bits, group_size, symmetric, perm is not None)
     if best is None:
         best = default_config(M, in_features, N, bits, sm_count, group_size)
-    key = _key(x2d, in_features, N, bits, group_size, symmetric, perm is not None)
+    else:
+        tuning_cache.record(torch.cuda.get_device_name(x2d.device), _entry(key, best, best_time))
     _TUNED[key] = best
+    _CHOSEN.pop(key, None)
     TUNING_LOG.append({"key": list(map(str, key)), "best": best.describe(), "best_us": round(best_time, 2),
                        "timings_us": timings})
     return best
 
 
+def heuristic_config(x2d, qweight, scales, bits, group_size, in_features) -> LaunchConfig:
+    """:func:`default_config` for these inputs; the tensor-core kernel is taken where the CUDA
+    extension is loaded, or (eagerly) where it builds."""
+    device = x2d.device
+    eager = device.type == "cuda" and not torch.compiler.is_compiling() and not _capturing(device)
+    with_mma = (cuda_mma_ready(device) if eager else _cuda_mma_loaded(device)) and bits == 4
+    return default_config(x2d.shape[0], in_features, qweight.shape[1], bits, _sm_count(device), group_size,
+                          with_mma, scales.dtype)
+
+
+_hinted: list[bool] = []
+
+
+def _hint_untuned(key: tuple) -> None:
+    """Say once per process that the heuristic serves a shape, and how to tune it."""
+    if not _hinted:
+        _hinted.append(True)
+        warnings.warn(
+            f"no tuned int4 kernel choice for some layer shapes on this GPU (first: K={key[2]} N={key[3]}, "
+            f"{key[1]} rows); the built-in heuristic serves them. `neural-quantize tune MODEL_DIR` tunes a "
+            "model's shapes ahead and caches the choices (NQ_KERNEL_AUTOTUNE=1 tunes them at first use).",
+            stacklevel=3)
+
+
 def select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric):
-    """The cached choice for this shape, tuning it first when that is safe (see module docstring)."""
+    """The stored choice for this shape, else a tuned one (with on-the-spot tuning on), else the
+    heuristic (see the module docstring)."""
     key = _key(x2d, in_features, qweight.shape[1], bits, group_size, symmetric, perm is not None)
-    config = _TUNED.get(key)
+    config = _TUNED.get(key) or _CHOSEN.get(key)
     if config is not None:
         return config
     device = x2d.device
-    compiling = torch.compiler.is_compiling()
-    if device.type == "cuda" and autotune_enabled() and not compiling and not _capturing(device):
+    eager = device.type == "cuda" and not torch.compiler.is_compiling() and not _capturing(device)
+    if eager:
+        load_stored_choices(device)
+    config = _stored_choice(key)
+    if config is None and eager and autotune_enabled():
         return tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
-    # the heuristic may take the tensor-core kernel only where the extension is already loaded
-    # (building it inside a capture or a trace is not an option)
-    return default_config(x2d.shape[0], in_features, qweight.shape[1], bits, _sm_count(device), group_size,
-                          _cuda_mma_loaded(device), scales.dtype)
+    if config is None:
+        if eager:
+            _hint_untuned(key)
+        config = heuristic_config(x2d, qweight, scales, bits, group_size, in_features)
+    if eager:
+        _CHOSEN[key] = config
+    return config
 
 
 def run(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric,
@@ -575,33 +694,6 @@ def run(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features,
     if config is None:
         config = select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
     return launch(config, x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric)
-
-
-def export_tuning(path: str) -> None:
-    """Write the tuned choices to JSON (to reuse with :func:`import_tuning`, tuning ahead)."""
-    rows = [{"key": list(key), "config": asdict(cfg)} for key, cfg in _TUNED.items()]
-    with open(path, "w") as handle:
-        json.dump(rows, handle, indent=1)
-
-
-def import_tuning(path: str) -> int:
-    """Load choices written by :func:`export_tuning`; returns how many were loaded (``cuda_gemv`` and
-    ``cuda_mma`` choices are skipped where the CUDA extension cannot be built)."""
-    with open(path) as handle:
-        rows = json.load(handle)
-    loaded = 0
-    for row in rows:
-        strategy, device = row["config"]["strategy"], str(row["key"][0])
-        if strategy == "cuda_gemv" and not cuda_gemv_ready(device.split(":")[0]):
-            continue  # tuned where the CUDA extension built; the heuristic serves here instead
-        if strategy == "cuda_mma" and not cuda_mma_ready(device):
-            continue
-        key = row["key"]  # files of earlier versions may carry a 10th field (a repacked layout): ignored
-        key = (key[0], int(key[1]), int(key[2]), int(key[3]), key[4], int(key[5]), int(key[6]), key[7] in (True, "True"),
-               key[8] in (True, "True"))
-        _TUNED[key] = LaunchConfig(**row["config"])
-        loaded += 1
-    return loaded
 
 
 # ---------------------------------------------------------------------------------------------

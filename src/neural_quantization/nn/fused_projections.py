@@ -123,7 +123,7 @@ class SharedInputGroup:
         return out
 
 
-def _compatible(members: list[QuantLinear]) -> bool:
+def fusable(members: list[QuantLinear]) -> bool:
     first = members[0]
     per_word = 32 // first.bits
     return all(
@@ -175,7 +175,7 @@ def fuse_projections(model: nn.Module, probe_inputs: dict[str, Any] | None = Non
     fused = []
     for names in shared_input_groups(model, probe_inputs):
         members = [model.get_submodule(name) for name in names]
-        if _compatible(members):
+        if fusable(members):
             SharedInputGroup(members)
             fused.append(names)
     return fused
