@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     from neural_quantization._version import __version__
 
     parser.add_argument("--version", action="version", version=f"neural-quantization {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,generate,analyze,tune,bench,deploy-report}")
+    sub = parser.add_subparsers(dest="command", metavar="{quantize,demo,eval,generate,analyze,tune,quantize-pipeline,bench,deploy-report}")
 
     q = sub.add_parser("quantize", help="quantize a model and save a GPTQ checkpoint", formatter_class=_Formatter)
     q.add_argument("--model-name", required=True,
@@ -289,6 +289,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--retune", action="store_true", help="tune keys that already have a stored choice too")
     t.add_argument("--json", default=None, metavar="PATH", help="also write every tuned key as JSON")
     t.add_argument("--trust-remote-code", action="store_true", help="run the model's own Python code")
+
+    qp = sub.add_parser(
+        "quantize-pipeline", formatter_class=_Formatter,
+        help="quantize the denoiser of a diffusers text-to-image pipeline (UNet or DiT), calibrated on its own "
+             "sampling trajectories",
+        description="Runs the float pipeline on the calibration prompts, collects every linear layer's Hessian of "
+                    "the denoiser over all sampling steps, solves each layer with GPTQ (or RTN) and saves the "
+                    "pipeline (diffusers layout; the denoiser's linears as GPTQ tensors, loaded by "
+                    "neural_quantization.diffusion.load_quantized_pipeline). Text encoders and VAE stay in float. "
+                    "Needs diffusers (pip install 'neural-quantization[diffusion]').")
+    qp.add_argument("--pipeline", required=True,
+                    help="a diffusers pipeline: Hugging Face id, local directory, or the built-in tiny-unet / tiny-dit "
+                         "(random weights, for a first try offline)")
+    qp.add_argument("--output-dir", required=True, help="where to write the quantized pipeline: a new or empty directory")
+    qp.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="gptq (calibrated) or rtn (round to nearest)")
+    qp.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="code width")
+    qp.add_argument("--group-size", type=int, default=64, help="input columns per scale (-1: one per output channel)")
+    qp.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group)")
+    qp.add_argument("--prompts", default=None, metavar="FILE",
+                    help="calibration prompts, one per line (default: the shipped prompts in several languages)")
+    qp.add_argument("--steps", type=int, default=20, help="sampling steps per calibration prompt")
+    qp.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance while calibrating")
+    qp.add_argument("--height", type=int, default=None, help="image height for calibration (default: the pipeline's)")
+    qp.add_argument("--width", type=int, default=None, help="image width for calibration (default: the pipeline's)")
+    qp.add_argument("--skip", nargs="+", default=[], metavar="NAME_PART",
+                    help="leave in float the linears whose name contains any of these (e.g. time_embedding)")
+    qp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    qp.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on the CPU), float16, bfloat16, float32")
+    qp.add_argument("--seed", type=int, default=0, help="seed of the calibration trajectories")
+    qp.add_argument("--report", default=None, metavar="DIR",
+                    help="also sample held-out prompts with the float, RTN and quantized pipelines and write "
+                         "report.json, report.md and images.png (PSNR, SSIM, per-step error) here")
 
     b = sub.add_parser("bench", add_help=False,
                        help="GPU speed: kernels against cuBLAS fp16 and PyTorch int4; `bench decode`: end-to-end "
@@ -670,6 +702,32 @@ def run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_quantize_pipeline(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    import torch
+
+    from neural_quantization.nn.modules import resolve_device
+
+    if importlib.util.find_spec("diffusers") is None:
+        raise ValueError("quantize-pipeline needs diffusers; install it with pip install 'neural-quantization[diffusion]'.")
+    from neural_quantization.diffusion import diffusion_config, read_prompts
+    from neural_quantization.diffusion.run import quantize_and_save
+
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: sample at least one step per prompt.")
+    dtypes = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if args.dtype not in dtypes:
+        raise ValueError(f"--dtype {args.dtype}; use one of {', '.join(dtypes)}.")
+    device = resolve_device(args.device)
+    dtype = dtypes[args.dtype] or (torch.float16 if device.type == "cuda" else torch.float32)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    config = diffusion_config(args.bits, args.group_size, args.method, sym=not args.asym)
+    quantize_and_save(args.pipeline, args.output_dir, config, prompts, args.steps, args.guidance_scale, args.height,
+                      args.width, tuple(args.skip), device, dtype, args.seed, args.report)
+    return 0
+
+
 def run_bench(bench_args: list[str]) -> int:
     """Hand the arguments to the benchmark, which owns its options: ``bench decode …`` the end-to-end
     decode benchmark (``bench/decode.py``), ``bench generate …`` ``generate`` against fp16 and eager
@@ -718,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_analyze(args)
         if args.command == "tune":
             return run_tune(args)
+        if args.command == "quantize-pipeline":
+            return run_quantize_pipeline(args)
         return run_bench(args.bench_args)
     except _user_errors() as err:
         print(f"neural-quantize: error: {_one_line(err)}", file=sys.stderr)
