@@ -499,7 +499,14 @@ def test_mma_shapes_and_candidates():
     assert any(c.split_k > 1 for c in dispatch.cuda_mma_configs(1, 4096, 512, 4, 128, 132))
     assert all(c.split_k == 1 for c in dispatch.cuda_mma_configs(1, 4096, 28672, 4, 128, 132))
     default = dispatch.default_config(1, 4096, 4096, 4, 132, 128, cuda_mma=True)
-    assert default.strategy == "cuda_mma" and default.variant == mma.DEFAULT_VARIANT
+    assert default.strategy == "cuda_mma" and default.variant == 1 and default.split_k == 1
+    # the untuned rule reproduces the H100's tuned choices on the shapes they were read from
+    # (benchmarks/results/tuning_defaults_h100.json): down projections split, wide ones 4 warps
+    assert mma.default_launch(14336, 4096, 132) == (3, 3, 8)
+    assert mma.default_launch(8960, 1536, 132) == (3, 8, 8)
+    assert mma.default_launch(4096, 28672, 132) == (3, 1, 4)
+    assert mma.default_launch(4096, 6144, 132) == (3, 1, 8)
+    assert mma.default_launch(2048, 512, 132) == (1, 1, 8)
     assert dispatch.default_config(1, 4096, 4098, 4, 132, 128, cuda_mma=True).block_n == 16  # N % 4 == 2
 
 

@@ -473,17 +473,15 @@ def default_config(M: int, K: int, N: int, bits: int, sm_count: int, group_size:
     """The untuned choice (inside a capture or compile trace, or with autotuning off).
 
     ``cuda_mma``: the extension is loaded on an sm_80+ device; then the tensor-core kernel serves
-    M ≤ 16 (``mma.DEFAULT_VARIANT``, 8 warps, split along K only for narrow layers).
+    M ≤ 16 (variant, split and warps by the rule of ``mma.default_launch``).
     """
     if cuda_mma:
         from neural_quantization.kernels.cuda import mma
 
         block_m = mma.block_m_for(M)
-        variant = mma.DEFAULT_VARIANT if mma.variant_supports(mma.DEFAULT_VARIANT, N) else 0
         if block_m is not None and mma.supports(M, K, N, bits, group_size, scale_dtype):
-            tiles, chunks = mma.tiles(variant, N), triton.cdiv(K, mma.CHUNK_K)
-            split = max(1, min(8, chunks, (2 * sm_count) // max(tiles, 1)))
-            return _cuda_mma_config(block_m, variant, split, 8)
+            variant, split, warps = mma.default_launch(K, N, sm_count)
+            return _cuda_mma_config(block_m, variant, split, warps)
     bucket = m_bucket(M)
     per_word = 32 // bits
     if bucket == 1:

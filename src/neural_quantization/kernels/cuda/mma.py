@@ -24,8 +24,10 @@ BLOCK_MS = (8, 16)
 #: code load mode) by variant index (NQ_MMA_VARIANTS in mma_int4.cuh)
 VARIANTS = ((1, 2, 0, 2), (1, 4, 0, 2), (1, 2, 1, 2), (2, 1, 1, 2), (2, 2, 0, 2), (2, 1, 0, 2), (1, 2, 0, 1))
 MAX_WARPS = 8
-#: the untuned choice (inside a capture or a trace before any tuning)
+#: the fallback variant where the rule of :func:`default_launch` picks one the shape cannot run
 DEFAULT_VARIANT = 4
+#: split-K factors the tuner tries (see dispatch.cuda_mma_configs)
+SPLITS = (1, 2, 3, 4, 6, 8)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -66,6 +68,30 @@ def supports(M: int, K: int, N: int, bits: int, group_size: int, scale_dtype: to
     """Whether some variant runs this shape (:func:`variant_supports` says which)."""
     return bits == 4 and 1 <= M <= BLOCK_MS[-1] and K % 8 == 0 and K > 0 and N > 0 and N % 2 == 0 \
         and scale_dtype in (torch.float16, torch.bfloat16) and group_length(group_size, K) is not None
+
+
+def default_launch(K: int, N: int, sm_count: int) -> tuple[int, int, int]:
+    """(variant, split, warps) of the untuned choice, a rule read off the tuned choices of 151 keys
+    (W4 g128, M = 1…16, six Llama / Mistral / Qwen models, one H100:
+    ``benchmarks/results/tuning_defaults_h100.json``):
+
+    * tall layers (K ≥ 8192 and K ≥ 2N, the down projections) have too few output tiles to fill
+      the chip: variant 3 (32 columns, one chunk in flight, prefetch) split along K so that about
+      three blocks per SM run, the nearest of :data:`SPLITS`;
+    * narrow layers (N ≤ 4096): variant 1 (16 columns, 4 chunks per batch), no split;
+    * the rest: variant 3, no split; 4 warps per block from N = 16384 on, else 8.
+    """
+    chunks = _cdiv(K, CHUNK_K)
+    if K >= 8192 and K >= 2 * N and variant_supports(3, N):
+        target = 3 * sm_count / tiles(3, N)
+        split = min((s for s in SPLITS if s <= chunks), key=lambda s: abs(s - target))
+        return 3, split, 8
+    if N <= 4096 and variant_supports(1, N):
+        return 1, 1, 8
+    if variant_supports(3, N):
+        return 3, 1, 4 if N >= 16384 else 8
+    variant = DEFAULT_VARIANT if variant_supports(DEFAULT_VARIANT, N) else 0
+    return variant, 1, 8
 
 
 def variant_supports(variant: int, N: int) -> bool:
