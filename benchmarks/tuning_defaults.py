@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--budget-seconds", type=float, default=300, help="stop starting new steps after this")
+    parser.add_argument("--retune", action="store_true",
+                        help="tune keys already stored too (to measure the heuristic against the tuned choice)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             result["stopped"] = f"budget of {args.budget_seconds:.0f} s spent before {name} M={counts} {dtype}"
             break
         step_start = time.perf_counter()
-        rows = tuning.tune_shapes(model_shapes(*MODELS[name]), counts, (dtype,), log=print,
+        rows = tuning.tune_shapes(model_shapes(*MODELS[name]), counts, (dtype,), log=print, retune=args.retune,
                                   deadline=started + args.budget_seconds)
         for row in rows:
             row["model"] = name
