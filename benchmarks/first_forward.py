@@ -39,7 +39,7 @@ def child(kind: str, layers: int, prompt: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = build_model(layers, "cuda")
     if kind != "fp16":
-        quantize_decoder(model, QuantizationConfig(bits=4, group_size=128))
+        quantize_decoder(model, QuantizationConfig(bits=4, group_size=128, method="rtn"))
     torch.cuda.synchronize()
     generator = torch.Generator(device="cuda").manual_seed(0)
 
