@@ -23,6 +23,7 @@ gptq-mse           defaults, ``clip="mse"``                    defaults, ``obser
 gptq-imatrix       (none: ours is ``gptq``)                    defaults, ``observer="imatrix-mse"``
 gptq-rotate        defaults, ``rotate=True``                   (none)
 best               ``QuantizationConfig.from_preset("best")``  (none)
+best-nogptaq       the same, ``gptaq=False``                   (none)
 =================  ==========================================  =======================================
 
 The settings named after one of llm-compressor's use our min/max grid (``clip="minmax"``, their
@@ -64,7 +65,7 @@ from neural_quantization.models.loading import load_model
 from neural_quantization.reporting.report import environment_info
 
 SETTINGS = ("rtn", "gptq", "gptq-nogptaq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-imatrix",
-            "gptq-rotate", "best")
+            "gptq-rotate", "best", "best-nogptaq")
 THEIRS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-imatrix")
 
 
@@ -84,6 +85,7 @@ def our_config(setting: str, bits: int, group_size: int, num_samples: int, seq_l
         "gptq-imatrix": None,  # theirs only: their activation-weighted MSE observer; ours is "gptq" (the default)
         "gptq-rotate": QuantizationConfig(rotate=True, **base),
         "best": QuantizationConfig.from_preset("best", **base),
+        "best-nogptaq": QuantizationConfig.from_preset("best", gptaq=False, **base),
     }[setting]
 
 
