@@ -713,14 +713,14 @@ def run_quantize_pipeline(args: argparse.Namespace) -> int:
         raise ValueError("quantize-pipeline needs diffusers; install it with pip install 'neural-quantization[diffusion]'.")
     from neural_quantization.diffusion import diffusion_config, read_prompts
     from neural_quantization.diffusion.run import quantize_and_save
+    from neural_quantization.generation.session import DTYPES
 
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: sample at least one step per prompt.")
-    dtypes = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-    if args.dtype not in dtypes:
-        raise ValueError(f"--dtype {args.dtype}; use one of {', '.join(dtypes)}.")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype}; use one of {', '.join(DTYPES)}.")
     device = resolve_device(args.device)
-    dtype = dtypes[args.dtype] or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[args.dtype] or (torch.float16 if device.type == "cuda" else torch.float32)
     prompts = read_prompts(args.prompts) if args.prompts else None
     config = diffusion_config(args.bits, args.group_size, args.method, sym=not args.asym)
     quantize_and_save(args.pipeline, args.output_dir, config, prompts, args.steps, args.guidance_scale, args.height,

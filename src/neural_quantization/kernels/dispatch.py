@@ -102,6 +102,12 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _eager_cuda(device: torch.device) -> bool:
+    """A CUDA call outside graph capture and compile traces: where synchronizing (tuning, building the
+    extension, reading stored choices) is allowed."""
+    return device.type == "cuda" and not torch.compiler.is_compiling() and not _capturing(device)
+
+
 def _tickets(device: torch.device, count: int) -> torch.Tensor | None:
     key = (device.type, device.index)
     buffer = _TICKETS.get(key)
@@ -390,7 +396,7 @@ def cuda_mma_configs(M: int, K: int, N: int, bits: int, group_size: int, sm_coun
         # 3 and 6 as well as powers of two: with 3 blocks of 8 warps (or 6 of 4) resident per SM, a
         # split that fills exactly one wave beat the next power of two (down 14336 -> 4096 at M = 1 on
         # H100: 128 tiles x 3 splits, 13.3 us against 15.0 us with 4)
-        splits = [1] + [s for s in (2, 3, 4, 6, 8) if s <= chunks and tiles * s <= 4 * sm_count]
+        splits = [s for s in mma.SPLITS if s == 1 or (s <= chunks and tiles * s <= 4 * sm_count)]
         for warps in (4, 8):
             for split in splits:
                 found.append(_cuda_mma_config(block_m, variant, split, warps))
@@ -643,7 +649,7 @@ def heuristic_config(x2d, qweight, scales, bits, group_size, in_features) -> Lau
     """:func:`default_config` for these inputs; the tensor-core kernel is taken where the CUDA
     extension is loaded, or (eagerly) where it builds."""
     device = x2d.device
-    eager = device.type == "cuda" and not torch.compiler.is_compiling() and not _capturing(device)
+    eager = _eager_cuda(device)
     with_mma = (cuda_mma_ready(device) if eager else _cuda_mma_loaded(device)) and bits == 4
     return default_config(x2d.shape[0], in_features, qweight.shape[1], bits, _sm_count(device), group_size,
                           with_mma, scales.dtype)
@@ -671,7 +677,7 @@ def select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in
     if config is not None:
         return config
     device = x2d.device
-    eager = device.type == "cuda" and not torch.compiler.is_compiling() and not _capturing(device)
+    eager = _eager_cuda(device)
     if eager:
         load_stored_choices(device)
     config = _stored_choice(key)
@@ -750,8 +756,7 @@ class PreparedMatmul:
         config = self.config_for(x2d)
         fn = self._generic(config)
         M, N, K = x2d.shape[0], self.out_features, self.in_features
-        safe = (x2d.device.type == "cuda" and not _capturing(x2d.device) and not torch.compiler.is_compiling()
-                and config.strategy != "dequant" and M > 0 and N > 0 and K > 0)
+        safe = _eager_cuda(x2d.device) and config.strategy != "dequant" and M > 0 and N > 0 and K > 0
         if safe and config.strategy == "cuda_gemv":
             fn = self._cuda_direct(config, x2d)
         elif safe and config.strategy == "cuda_mma":

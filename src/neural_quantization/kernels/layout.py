@@ -51,6 +51,17 @@ def supports(bits: int) -> bool:
     return bits in KERNEL_BITS
 
 
+def groups_ascending(g_idx: torch.Tensor) -> bool:
+    """Whether ``g_idx`` never goes back to an earlier group (no act-order permutation is needed)."""
+    g = g_idx.to(torch.int64)
+    return bool((g[1:] >= g[:-1]).all()) if g.numel() > 1 else True
+
+
+def zeros_symmetric(qzeros: torch.Tensor, bits: int, out_features: int) -> bool:
+    """Whether every stored zero is the midpoint ``2**(bits-1) - 1`` (GPTQ stores zero - 1)."""
+    return bool((unpack(qzeros, bits, out_features, dim=1) == (1 << (bits - 1)) - 1).all())
+
+
 # Takes the GPTQ tensors as reference.dequantize_gptq does: both read the checkpoint's layout.
 def prepare_kernel_layout(
     qweight: torch.Tensor,
@@ -74,8 +85,7 @@ def prepare_kernel_layout(
         perm = None
         group_size = max(in_features, 1) + per_word  # one group: every position maps to group 0
     else:
-        monotonic = bool((g[1:] >= g[:-1]).all()) if in_features > 1 else True
-        perm = None if monotonic else torch.argsort(g, stable=True)
+        perm = None if groups_ascending(g) else torch.argsort(g, stable=True)
         sorted_groups = g if perm is None else g[perm]
         counts = torch.bincount(sorted_groups, minlength=num_groups)
         group_size = int(counts[0])
@@ -87,6 +97,4 @@ def prepare_kernel_layout(
         codes = unpack(qweight, bits, in_features, dim=0)  # (K, N)
         kernel_qweight = pack(codes[perm], bits, dim=0)
         perm = perm.to(torch.int32).contiguous()
-    stored_zeros = unpack(qzeros, bits, out_features, dim=1)
-    symmetric = bool((stored_zeros == (1 << (bits - 1)) - 1).all())
-    return KernelLayout(kernel_qweight.contiguous(), perm, group_size, symmetric)
+    return KernelLayout(kernel_qweight.contiguous(), perm, group_size, zeros_symmetric(qzeros, bits, out_features))

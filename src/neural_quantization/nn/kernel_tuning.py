@@ -13,9 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from neural_quantization.formats.packing import unpack
 from neural_quantization.kernels import tuning
-from neural_quantization.kernels.layout import supports
+from neural_quantization.kernels.layout import groups_ascending, supports, zeros_symmetric
 from neural_quantization.nn.fused_projections import fusable, shared_input_groups
 from neural_quantization.nn.qlinear import QuantLinear
 
@@ -23,12 +22,9 @@ from neural_quantization.nn.qlinear import QuantLinear
 def layer_shape(layer: QuantLinear) -> tuning.LayerShape:
     """The kernel shape of one layer: sizes, bits, group, symmetry (every stored zero is the
     midpoint) and act-order (``g_idx`` not ascending), as ``kernels/layout.py`` decides them."""
-    g_idx = layer.g_idx.to(torch.int64)
-    act_order = bool((g_idx[1:] < g_idx[:-1]).any()) if g_idx.numel() > 1 else False
-    stored = unpack(layer.qzeros, layer.bits, layer.out_features, dim=1)
-    symmetric = bool((stored == (1 << (layer.bits - 1)) - 1).all())
-    return tuning.LayerShape(layer.in_features, layer.out_features, layer.bits, layer.group_size, symmetric,
-                             act_order)
+    return tuning.LayerShape(layer.in_features, layer.out_features, layer.bits, layer.group_size,
+                             zeros_symmetric(layer.qzeros, layer.bits, layer.out_features),
+                             not groups_ascending(layer.g_idx))
 
 
 def model_layer_shapes(model: nn.Module, fused: bool = True) -> list[tuning.LayerShape]:

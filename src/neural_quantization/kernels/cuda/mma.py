@@ -26,7 +26,7 @@ VARIANTS = ((1, 2, 0, 2), (1, 4, 0, 2), (1, 2, 1, 2), (2, 1, 1, 2), (2, 2, 0, 2)
 MAX_WARPS = 8
 #: the fallback variant where the rule of :func:`default_launch` picks one the shape cannot run
 DEFAULT_VARIANT = 4
-#: split-K factors the tuner tries (see dispatch.cuda_mma_configs)
+#: split-K factors the tuner tries (``dispatch.cuda_mma_configs``) and the untuned rule picks from
 SPLITS = (1, 2, 3, 4, 6, 8)
 
 
