@@ -4,7 +4,8 @@
 
 For each built-in tiny pipeline (``tiny-unet``: StableDiffusionPipeline; ``tiny-dit``:
 PixArtAlphaPipeline; random weights, ``diffusion/tiny.py``) and each setting, a fresh copy of the
-float pipeline is calibrated on the shipped prompts (``--steps`` DDIM steps) and quantized; then
+float pipeline is quantized from one calibration pass of the float pipeline over the shipped
+prompts (``--steps`` DDIM steps; ``calibrate_pipeline``, shared by all settings); then
 all settings and the float pipeline sample the held-out prompts (``diffusion/run.EVAL_PROMPTS``)
 from the same seed. Recorded: the sum over layers of GPTQ's objective against RTN's, PSNR and SSIM
 of the images against the float images, and the teacher-forced per-step denoiser error. A PNG grid
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from neural_quantization.bench.kernels import environment
-from neural_quantization.diffusion import diffusion_config, quantize_pipeline
+from neural_quantization.diffusion import calibrate_pipeline, diffusion_config, quantize_pipeline
 from neural_quantization.diffusion.quality import evaluate_pipelines, image_grid
 from neural_quantization.diffusion.run import EVAL_PROMPTS
 from neural_quantization.diffusion.tiny import TINY_PIPELINES, TINY_RESOLUTION, tiny_pipeline
@@ -32,7 +33,7 @@ SETTINGS = {"RTN W8": (8, "rtn"), "GPTQ W8": (8, "gptq"), "RTN W4": (4, "rtn"), 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipelines", nargs="+", default=list(TINY_PIPELINES), choices=list(TINY_PIPELINES))
+    parser.add_argument("--pipelines", nargs="+", default=["tiny-unet", "tiny-dit"], choices=list(TINY_PIPELINES))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1000)
@@ -46,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         reference = tiny_pipeline(name)
         reference.set_progress_bar_config(disable=True)
         variants, rows = {}, {}
+        calibration = calibrate_pipeline(reference, steps=args.steps, **size)  # one pass serves every setting
         for label, (bits, method) in SETTINGS.items():
             pipe = copy.deepcopy(reference)
             started = time.perf_counter()
-            report = quantize_pipeline(pipe, diffusion_config(bits, args.group_size, method), steps=args.steps, **size)
+            report = quantize_pipeline(pipe, diffusion_config(bits, args.group_size, method), calibration=calibration)
             variants[label] = pipe
             rows[label] = {"bits": bits, "method": method, "seconds": round(time.perf_counter() - started, 2),
                            "layers": len(report.layers), "quantized_weights": report.quantized_weights,

@@ -14,6 +14,7 @@ from neural_quantization.cli import main  # noqa: E402
 from neural_quantization.diffusion import (  # noqa: E402
     CalibrationError,
     PipelineError,
+    calibrate_pipeline,
     diffusion_config,
     load_quantized_pipeline,
     quantize_pipeline,
@@ -103,6 +104,24 @@ def test_save_then_load_gives_identical_images(quantized, tmp_path):
     reference = _quiet(DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), **{report.denoiser: theirs}))
     expected = sample_images(reference, PROMPTS, STEPS, 3, 5.0, **SIZE)
     assert np.array_equal(sample_images(loaded, PROMPTS, STEPS, 3, 5.0, **SIZE), expected)
+
+
+def test_one_calibration_pass_serves_several_quantizations(quantized):
+    """GPTQ from a shared calibration pass (``calibrate_pipeline``) gives the tensors of GPTQ that
+    samples its own (same prompts, steps and seeds): the Hessians depend only on the float pipeline."""
+    reference = quantized["float"]
+    calibration = calibrate_pipeline(reference, steps=STEPS, **SIZE)
+    pipe = copy.deepcopy(reference)
+    report = quantize_pipeline(pipe, diffusion_config(4, 32, "gptq"), calibration=calibration)
+    own_pipe, own_report = quantized["gptq4"]
+    assert report.denoiser_calls == own_report.denoiser_calls
+    assert [layer.loss for layer in report.layers] == [layer.loss for layer in own_report.layers]
+    own = dict(own_pipe.components[report.denoiser].state_dict())
+    for key, value in pipe.components[report.denoiser].state_dict().items():
+        assert torch.equal(value, own[key]), key
+    with pytest.raises(ValueError, match="no Hessian"):
+        calibration.hessians.pop(next(iter(calibration.hessians)))
+        quantize_pipeline(copy.deepcopy(reference), diffusion_config(4, 32, "rtn"), calibration=calibration)
 
 
 def test_image_measures():

@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "neural_quantization.diffusion.load_quantized_pipeline). Text encoders and VAE stay in float. "
                     "Needs diffusers (pip install 'neural-quantization[diffusion]').")
     qp.add_argument("--pipeline", required=True,
-                    help="a diffusers pipeline: Hugging Face id, local directory, or the built-in tiny-unet / tiny-dit "
+                    help="a diffusers pipeline: Hugging Face id, local directory, or the built-in tiny-unet / tiny-dit / tiny-flux "
                          "(random weights, for a first try offline)")
     qp.add_argument("--output-dir", required=True, help="where to write the quantized pipeline: a new or empty directory")
     qp.add_argument("--method", default="gptq", choices=["gptq", "rtn"], help="gptq (calibrated) or rtn (round to nearest)")
@@ -321,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--report", default=None, metavar="DIR",
                     help="also sample held-out prompts with the float, RTN and quantized pipelines and write "
                          "report.json, report.md and images.png (PSNR, SSIM, per-step error) here")
+    qp.add_argument("--gguf", default=None, metavar="FILE",
+                    help="also write the quantized denoiser as a GGUF file (Q4_0/Q8_0 holding the GPTQ codes) that "
+                         "diffusers loads with <Class>.from_single_file(FILE, config=OUTPUT_DIR, subfolder=..., "
+                         "quantization_config=GGUFQuantizationConfig(...)); needs --bits 4 or 8, --group-size 32, "
+                         "no --asym, and a denoiser diffusers single-file loads (UNet2DConditionModel, SD3, FLUX.1, "
+                         "Sana; not PixArt)")
 
     b = sub.add_parser("bench", add_help=False,
                        help="GPU speed: kernels against cuBLAS fp16 and PyTorch int4; `bench decode`: end-to-end "
@@ -724,7 +730,7 @@ def run_quantize_pipeline(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     config = diffusion_config(args.bits, args.group_size, args.method, sym=not args.asym)
     quantize_and_save(args.pipeline, args.output_dir, config, prompts, args.steps, args.guidance_scale, args.height,
-                      args.width, tuple(args.skip), device, dtype, args.seed, args.report)
+                      args.width, tuple(args.skip), device, dtype, args.seed, args.report, gguf=args.gguf)
     return 0
 
 

@@ -18,6 +18,12 @@ weights file holds, for each quantized linear, the GPTQ tensors of ``formats/gpt
 GGUF, torchao or quanto), so :func:`load_quantized_pipeline` builds the denoiser from its config
 with empty weights, swaps in :class:`QuantLinear` layers and loads the tensors, then hands it to
 ``DiffusionPipeline.from_pretrained`` for the other components.
+
+For diffusers' own loader, :func:`export_gguf` writes the quantized denoiser as one GGUF file
+(Q4_0 / Q8_0 blocks holding the GPTQ codes; ``export/diffusers_gguf.py``), which
+``<Class>.from_single_file(file, config=<this directory>, subfolder=<denoiser>,
+quantization_config=GGUFQuantizationConfig(...))`` loads for the classes diffusers single-file
+loads (UNet2DConditionModel, SD3, FLUX.1, Sana, …; not PixArt).
 """
 
 from __future__ import annotations
@@ -97,8 +103,9 @@ def _denoiser_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_quantized_denoiser(folder: str | Path, device: str | torch.device = "cpu",
-                            dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The quantized denoiser saved in ``folder`` (``<pipeline>/transformer`` or ``/unet``)."""
+                            dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """The quantized denoiser saved in ``folder`` (``<pipeline>/transformer`` or ``/unet``); its float
+    tensors in ``dtype`` (None: as stored)."""
     import diffusers
     from accelerate import init_empty_weights
 
@@ -121,7 +128,8 @@ def load_quantized_denoiser(folder: str | Path, device: str | torch.device = "cp
     if missing:
         raise PipelineError(f"{folder}: {len(missing)} quantized layers of {QUANT_FILE} have no tensors in the weights "
                             f"file (first: {sorted(missing)[0]}); the directory is incomplete, quantize it again.")
-    float_state = {key: (value.to(dtype) if value.is_floating_point() and not _is_gptq_tensor(key, modules) else value)
+    float_state = {key: (value.to(dtype) if dtype is not None and value.is_floating_point()
+                         and not _is_gptq_tensor(key, modules) else value)
                    for key, value in state.items()}
     model.load_state_dict(float_state, assign=True, strict=True)
     return model.to(device).eval()
@@ -155,3 +163,23 @@ def quantization_record(directory: str | Path) -> dict[str, Any]:
         if (directory / name / QUANT_FILE).is_file():
             return json.loads((directory / name / QUANT_FILE).read_text(encoding="utf-8"))
     raise PipelineError(f"{directory} is not a quantized pipeline")
+
+
+def export_gguf(source: Any, path: str | Path, record: dict[str, Any] | None = None, float_type: str = "auto") -> Any:
+    """Write the quantized denoiser of ``source`` as a GGUF file that diffusers loads with
+    ``<Class>.from_single_file(path, config=<pipeline dir>, subfolder=<denoiser>,
+    quantization_config=GGUFQuantizationConfig(...))`` (layout: ``export/diffusers_gguf.py``).
+
+    ``source``: a pipeline quantized in memory (:func:`quantize_pipeline`; ``record`` is then
+    its ``quantization.json`` content, optional) or a directory saved by
+    :func:`save_quantized_pipeline` (its record is read). Returns the
+    :class:`~neural_quantization.export.diffusers_gguf.DenoiserGGUFReport`."""
+    from neural_quantization.export.diffusers_gguf import write_denoiser_gguf
+
+    if isinstance(source, (str, Path)):
+        record = quantization_record(source)
+        name = next(n for n in DENOISER_NAMES if (Path(source) / n / QUANT_FILE).is_file())
+        denoiser = load_quantized_denoiser(Path(source) / name, dtype=None)
+    else:
+        denoiser = getattr(source, denoiser_name(source))
+    return write_denoiser_gguf(denoiser, path, record, float_type)

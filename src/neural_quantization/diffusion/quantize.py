@@ -94,26 +94,63 @@ def quantize_denoiser(denoiser: nn.Module, hessians: dict[str, torch.Tensor], co
     return results
 
 
+@dataclass
+class TrajectoryCalibration:
+    """The float pipeline's calibration pass: every denoiser linear's Hessian (name -> (K, K) fp32)
+    over the sampling trajectories of ``prompts`` prompts × ``steps`` steps. It depends only on the
+    float pipeline, so several quantizations of copies of it (GPTQ and its RTN baseline, W8 and W4)
+    share one pass."""
+
+    hessians: dict[str, torch.Tensor]
+    prompts: int
+    steps: int
+    denoiser_calls: int
+    seconds: float
+
+
+def calibrate_pipeline(pipe: Any, prompts: list[str] | None = None, steps: int = 20, seed: int = 0,
+                       guidance_scale: float = 5.0, height: int | None = None, width: int | None = None,
+                       skip: tuple[str, ...] = (), batch_size: int = 4) -> TrajectoryCalibration:
+    """Sample ``prompts`` (default: the shipped ones) with the float ``pipe`` and collect the Hessians."""
+    started = time.perf_counter()
+    name = denoiser_name(pipe)
+    linears = denoiser_linears(getattr(pipe, name), skip)
+    if not linears:
+        raise ValueError(f"the {name} has no linear layers left to quantize (skip={list(skip)}).")
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    hessians, calls = trajectory_hessians(pipe, linears, prompts, steps, seed, guidance_scale, height, width,
+                                          batch_size)
+    return TrajectoryCalibration(hessians, len(prompts), steps, calls, time.perf_counter() - started)
+
+
 def quantize_pipeline(pipe: Any, config: QuantizationConfig | None = None, prompts: list[str] | None = None,
                       steps: int = 20, seed: int = 0, guidance_scale: float = 5.0, height: int | None = None,
-                      width: int | None = None, skip: tuple[str, ...] = (), batch_size: int = 4
-                      ) -> PipelineQuantization:
-    """Quantize ``pipe``'s denoiser in place (see the module docstring) and return the report."""
+                      width: int | None = None, skip: tuple[str, ...] = (), batch_size: int = 4,
+                      calibration: TrajectoryCalibration | None = None) -> PipelineQuantization:
+    """Quantize ``pipe``'s denoiser in place (see the module docstring) and return the report.
+
+    ``calibration`` (from :func:`calibrate_pipeline` on this pipeline or an identical float copy)
+    replaces the sampling pass; the sampling arguments are then not used."""
     config = config or diffusion_config()
     if config.bits not in (2, 3, 4, 8):
         raise ValueError(f"bits={config.bits}: a denoiser is quantized to 2, 3, 4 or 8 bits.")
     started = time.perf_counter()
     name = denoiser_name(pipe)
     denoiser = getattr(pipe, name)
+    if calibration is None:
+        calibration = calibrate_pipeline(pipe, prompts, steps, seed, guidance_scale, height, width, skip, batch_size)
+        calibration_seconds = 0.0  # counted in this call's own time
+    else:
+        calibration_seconds = calibration.seconds  # done once, before: counted in every run it serves
     linears = denoiser_linears(denoiser, skip)
-    if not linears:
-        raise ValueError(f"the {name} has no linear layers left to quantize (skip={list(skip)}).")
-    prompts = list(prompts or DEFAULT_PROMPTS)
-    hessians, calls = trajectory_hessians(pipe, linears, prompts, steps, seed, guidance_scale, height, width,
-                                          batch_size)
+    missing = sorted(set(linears) - set(calibration.hessians))
+    if missing:
+        raise ValueError(f"the calibration holds no Hessian for {len(missing)} linear layers of this {name} "
+                         f"(first: {missing[0]}); calibrate this pipeline (or a float copy of it) with the same skip.")
+    hessians = {layer: calibration.hessians[layer] for layer in linears}
     quantized_weights = sum(linear.weight.numel() for linear in linears.values())
     results = quantize_denoiser(denoiser, hessians, config)
     float_weights = sum(p.numel() for p in denoiser.parameters())
-    return PipelineQuantization(name, config.method, config.bits, config.group_size, config.sym, len(prompts), steps,
-                                calls, quantized_weights, float_weights, round(time.perf_counter() - started, 2),
-                                results)
+    return PipelineQuantization(name, config.method, config.bits, config.group_size, config.sym, calibration.prompts,
+                                calibration.steps, calibration.denoiser_calls, quantized_weights, float_weights,
+                                round(time.perf_counter() - started + calibration_seconds, 2), results)

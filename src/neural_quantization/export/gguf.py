@@ -181,15 +181,24 @@ def shape_problem(in_features: int, has_bias: bool) -> str | None:
 
 
 def layer_blocks(layer: QuantLinear, gguf_type: str, permute_heads: int | None = None) -> tuple[np.ndarray, int]:
-    """The GGUF bytes (N, K/32 · block bytes) of one quantized layer and its number of clamped codes."""
+    """The GGUF bytes (N, K/32 · block bytes) of one bias-free quantized layer (the Llama tensor map
+    has no biases) and its number of clamped codes."""
+    problem = shape_problem(layer.in_features, layer.bias is not None)
+    if problem:
+        raise GGUFExportError(problem)
+    return weight_blocks(layer, gguf_type, permute_heads)
+
+
+def weight_blocks(layer: QuantLinear, gguf_type: str, permute_heads: int | None = None) -> tuple[np.ndarray, int]:
+    """The GGUF bytes (N, K/32 · block bytes) of one quantized layer's weight and its number of
+    clamped codes; a bias, if any, is the caller's to write (diffusers' denoisers keep theirs)."""
     qw = layer.quantized_weight()
     expected_bits = 4 if gguf_type == "Q4_0" else 8
     if qw.bits != expected_bits or qw.group_size != BLOCK:
         raise GGUFExportError(f"{gguf_type} needs {expected_bits}-bit groups of {BLOCK}; the layer has "
                               f"{qw.bits} bits, group_size {qw.group_size}.")
-    problem = shape_problem(layer.in_features, layer.bias is not None)
-    if problem:
-        raise GGUFExportError(problem)
+    if layer.in_features % BLOCK:
+        raise GGUFExportError(f"in_features={layer.in_features} is not a multiple of {BLOCK}; GGUF blocks need it.")
     if not torch.equal(qw.g_idx.cpu().long(), torch.arange(layer.in_features) // BLOCK):
         raise GGUFExportError("the layer's groups are reordered (act-order g_idx); GGUF blocks must be contiguous.")
     mid = 1 << (qw.bits - 1)
