@@ -62,6 +62,30 @@ def test_greedy_tokens_equal_transformers_generate(mode, which, tiny_dir, quanti
     assert result.time_to_first_token_s > 0 and result.decode_tokens_per_s > 0 and result.peak_memory_bytes > 0
 
 
+@pytest.mark.parametrize("which", ["float", "int4"])
+def test_decode_attention_kernel_gives_the_greedy_tokens_of_transformers_generate(which, tiny_dir, quantized_dir,
+                                                                                  monkeypatch):
+    """The static-cache steps through our grouped-query decode-attention kernel (the Triton
+    interpreter on CPU; 4 query heads on 2 KV heads, left-padded prompts): every decode step of every
+    layer goes through the kernel, and the tokens are transformers'."""
+    pytest.importorskip("triton")
+    from neural_quantization.kernels import attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    kernel = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda *args: calls.append(1) or kernel(*args))
+    if which == "float":
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    else:
+        model = load_quantized(quantized_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    result = generate(model, tokenizer, PROMPTS, 12, mode="static", stop_at_eos=False, decode_attention=True)
+    assert len(calls) == 11 * model.config.num_hidden_layers  # 11 decode steps (the first token is prefill's)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    assert result.new_token_ids == reference_tokens(model, tokenizer, PROMPTS, 12)
+
+
 def test_batches_and_sampling(tiny_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)

@@ -600,3 +600,29 @@ def test_quant_linear_uses_the_tensor_core_kernel_in_graphs_and_compile():
     assert relative_error(compiled(x), ref) < TOLERANCE[torch.float16]
     # the kernel layout is not part of the checkpoint
     assert not any(name.startswith("kernel_") for name in layer.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else []))
+@pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim", [(2, 8, 2, 37, 64), (1, 4, 4, 300, 32),
+                                                                  (3, 6, 1, 129, 16), (1, 32, 8, 1000, 128)])
+def test_decode_attention_matches_reference(dtype, batch, heads, kv_heads, length, head_dim):
+    """The grouped-query decode-attention kernel against the fp32 reference: holes in the mask (left
+    padding), a row whose second half is masked (a static cache's unwritten tail), G = 1, 3, 4."""
+    from neural_quantization.kernels.attention import decode_attention
+    from neural_quantization.kernels.reference import decode_attention_reference
+
+    if not HAS_CUDA and length > 300:
+        pytest.skip("long caches only on the GPU (the interpreter is slow)")
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(batch, heads, head_dim, generator=g).to(DEVICE, dtype)
+    k = torch.randn(batch, kv_heads, length, head_dim, generator=g).to(DEVICE, dtype)
+    v = torch.randn(batch, kv_heads, length, head_dim, generator=g).to(DEVICE, dtype)
+    mask = torch.rand(batch, length, generator=g) > 0.3
+    mask[:, 0] = True
+    mask[0, length // 2:] = False
+    mask = mask.to(DEVICE)
+    out = decode_attention(q, k, v, mask, head_dim ** -0.5)
+    ref = decode_attention_reference(q.float(), k.float(), v.float(), mask, head_dim ** -0.5)
+    tolerance = {torch.float32: 1e-4 if not HAS_CUDA else 5e-3, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.float() - ref).abs().max().item() < tolerance

@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default="auto", help="auto (graphs on a GPU, eager on the CPU), graphs, static or eager")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step before capturing it")
     g.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate matmuls")
+    g.add_argument("--decode-attention", action="store_true",
+                   help="decode steps through our grouped-query attention kernel (reads the KV cache once per KV "
+                        "head) instead of SDPA; graphs/static modes (default: off, not yet measured on a GPU)")
     g.add_argument("--no-stop-at-eos", action="store_true", help="always generate --max-new-tokens tokens")
     g.add_argument("--json", default=None, metavar="PATH", help="also write the texts and measurements as JSON")
     g.add_argument("--trust-remote-code", action="store_true", help="run the model's own Python code")
@@ -612,7 +615,8 @@ def run_generate(args: argparse.Namespace) -> int:
     model, tokenizer, kind = load_for_generation(args.model, device, args.dtype, args.trust_remote_code)
     result = generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.batch_size,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, mode=args.mode,
-                      compile_step=args.compile, fuse=not args.no_fuse, stop_at_eos=not args.no_stop_at_eos)
+                      compile_step=args.compile, fuse=not args.no_fuse, stop_at_eos=not args.no_stop_at_eos,
+                      decode_attention=args.decode_attention)
     render_generation(result, prompts, kind, console)
     if args.json:
         data = {"model": str(args.model), "kind": kind, "prompts": prompts, **result.to_dict()}

@@ -10,7 +10,10 @@ once (prefill) and then one token per step. Two ways to run the steps, the same 
   is), and the cache advances its own position counter on the device, so no host work and no
   synchronisation happen between steps (end-of-sequence is checked every ``check_every`` steps).
   Optionally the step is ``torch.compile``-d first (``compile_step=True``). Quantized models get
-  their q/k/v and gate/up projections fused (``fuse_projections``) unless ``fuse=False``.
+  their q/k/v and gate/up projections fused (``fuse_projections``) unless ``fuse=False``. The
+  decode steps' attention runs through our grouped-query decode kernel (``generation/attention.py``:
+  the KV cache is read once per KV head, not copied for every query head) with
+  ``decode_attention=True`` (opt-in: not yet measured on a GPU); the prefill keeps transformers' SDPA.
 * ``"static"``: the same buffers and steps as ``"graphs"``, run one forward at a time without a
   graph (any device; what the CPU tests use to check the graph path's inputs).
 * ``"eager"`` (the default on CPU, or ``mode="eager"``): transformers' ``DynamicCache`` and one
@@ -37,6 +40,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from neural_quantization.generation.attention import use_decode_attention
 
 
 class GenerationError(ValueError):
@@ -142,6 +147,7 @@ def generate(
     mode: str = "auto",
     compile_step: bool = False,
     fuse: bool = True,
+    decode_attention: bool = False,
     stop_at_eos: bool = True,
     check_every: int = 16,
 ) -> GenerationResult:
@@ -152,6 +158,9 @@ def generate(
         texts are then empty). prompts: strings, or lists of token ids. batch_size: prompts per
         batch (default: all).
     mode: "auto" (graphs on CUDA, eager elsewhere), "graphs" or "eager".
+    decode_attention: run the decode steps of "graphs"/"static" mode through our grouped-query
+        decode-attention kernel (``generation/attention.py``) instead of transformers' SDPA. Off by
+        default until it has been measured on a GPU (tested on CPU through the Triton interpreter).
     Returns a :class:`GenerationResult`; texts hold only the new text (not the prompt).
     """
     _check_settings(prompts, max_new_tokens, batch_size, temperature, top_p, mode)
@@ -182,8 +191,9 @@ def generate(
         if mode == "eager":
             tokens, stats = _run_eager(model, encoded, max_new_tokens, temperature, top_p, generator, eos, check_every)
         else:
-            tokens, stats = _run_static(model, encoded, max_new_tokens, temperature, top_p, generator, eos,
-                                        check_every, compile_step, use_graph=mode == "graphs")
+            with use_decode_attention(model, decode_attention):
+                tokens, stats = _run_static(model, encoded, max_new_tokens, temperature, top_p, generator, eos,
+                                            check_every, compile_step, use_graph=mode == "graphs")
         for row in tokens:
             new_ids.append(row)
             texts.append(tokenizer.decode(row, skip_special_tokens=True) if tokenizer is not None else "")

@@ -45,3 +45,20 @@ def quant_linear_reference(
     """``y = x W^T + bias`` for x (..., K) -> (..., N), in the dtype of ``x``."""
     weight = dequantize_gptq(qweight, qzeros, scales, g_idx, bits, in_features, x.dtype)
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def decode_attention_reference(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One decode step's attention with grouped KV heads, in fp32 (``kernels/attention.py``'s oracle).
+
+    query (B, Hq, D); key, value (B, Hkv, L, D) with Hq a multiple of Hkv; mask (B, L), nonzero
+    where the key may be attended (at least one per row). Query head ``h`` reads KV head
+    ``h // (Hq / Hkv)``. Returns (B, Hq, D) in the query's dtype.
+    """
+    group = query.shape[1] // key.shape[1]
+    k = key.float().repeat_interleave(group, dim=1)  # (B, Hq, L, D)
+    v = value.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhd,bhld->bhl", query.float(), k) * scale
+    scores = scores.masked_fill(~mask.bool()[:, None, :], float("-inf"))
+    return torch.einsum("bhl,bhld->bhd", scores.softmax(-1), v).to(query.dtype)
