@@ -17,7 +17,9 @@ rules live there, shared by the CLI and Python); what is left needs the machine:
 5. the model's config, without its weights (a GGUF header, a ``config.json``, one hub request):
    the architecture must be one whose decoder layers we find (built on ``meta``: no memory), the
    export format must support it, ``--seq-len`` must fit its context, and streaming needs a
-   safetensors checkpoint.
+   safetensors checkpoint;
+6. with ``--max-gpu-memory`` / ``--max-cpu-memory``, a plan that fits the budget (pre-flight
+   estimate on the ``meta`` model), or the run is refused with the option that would make it fit.
 
 Nothing is written: a failing check leaves the file system as it was.
 """
@@ -45,6 +47,7 @@ class CheckedRun:
     output_dir: Path
     work_dir: Path | None
     finished_work_dir: bool = False  # work_dir holds a finished run, to be removed before this one
+    memory_plan: Any = None  # models.preflight.MemoryPlan, when the run has a memory budget
 
 
 def check_devices(device: str, devices: list[str] | None = None) -> None:
@@ -130,7 +133,8 @@ def model_context(model_config: Any) -> int | None:
     return None
 
 
-def _check_model(request: RunOptions, model_config: Any, resolved: Any) -> None:
+def _check_model(request: RunOptions, model_config: Any, resolved: Any) -> Any:
+    """The checks of item 5; returns the model built on ``meta`` (shapes only)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -158,10 +162,14 @@ def _check_model(request: RunOptions, model_config: Any, resolved: Any) -> None:
     if request.stream_weights and resolved.gguf_file:
         raise ValueError(f"{resolved.description} is a GGUF file; --stream-weights needs a safetensors checkpoint. "
                          "Quantize it without streaming, or convert it to safetensors first.")
+    from neural_quantization.models.loading import load_dtype
+    from neural_quantization.nn.modules import resolve_device
+
     kwargs = {"trust_remote_code": True} if request.trust_remote_code else {}
+    dtype = load_dtype(resolved, model_config, config.checkpoint_dtype, resolve_device(config.device))
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, **kwargs)
     except (ValueError, KeyError, TypeError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise UnsupportedModelError(f"{request.model_name} ({model_type}) is not a causal LM transformers can "
@@ -170,6 +178,37 @@ def _check_model(request: RunOptions, model_config: Any, resolved: Any) -> None:
     _check_export_shapes(request, model, layers[0])
     if config.kernel_backend == "marlin":
         check_marlin_shapes(model, config)
+    return model
+
+
+def _plan_memory(request: RunOptions, model: Any, resolved: Any) -> Any:
+    """6. with a memory budget, the plan that fits it (``models/preflight.plan_for_budget``), or a
+    ``BudgetError`` naming what would fit. Without one, the same search against this machine's free
+    memory, used only where the run as asked would not fit (None: run as asked; the runner's own
+    estimate then prints the advice). Streaming is a candidate where the options allow it
+    (``RunOptions``' rules decide: the same rules as ``--stream-weights`` given by hand)."""
+    import dataclasses
+
+    from neural_quantization.models.preflight import BudgetError, plan_for_budget
+    from neural_quantization.nn.modules import resolve_device
+
+    budgeted = request.max_gpu_memory is not None or request.max_cpu_memory is not None
+    try:
+        dataclasses.replace(request, stream_weights=True)
+        can_stream = resolved.gguf_file is None
+    except ConfigError:
+        can_stream = False
+    config = request.config
+    try:
+        plan = plan_for_budget(model, config, config.num_samples, config.seq_len, resolve_device(config.device),
+                               device_budget=request.max_gpu_memory, host_budget=request.max_cpu_memory,
+                               stream_weights=request.stream_weights, activations_on_host=request.offload_activations,
+                               can_stream=can_stream)
+    except BudgetError:
+        if budgeted:
+            raise
+        return None
+    return plan if budgeted or plan.changes else None
 
 
 def check_marlin_shapes(model: Any, config: QuantizationConfig) -> None:
@@ -227,6 +266,7 @@ def check_run(request: RunOptions) -> CheckedRun:
     _check_data(request)
     resolved = resolve_model(request.model_name)
     model_config = load_model_config(resolved, trust_remote_code=request.trust_remote_code)
-    _check_model(request, model_config, resolved)
+    model = _check_model(request, model_config, resolved)
+    memory_plan = _plan_memory(request, model, resolved)
     return CheckedRun(resolved=resolved, model_config=model_config, output_dir=output_dir, work_dir=work_dir,
-                      finished_work_dir=finished)
+                      finished_work_dir=finished, memory_plan=memory_plan)

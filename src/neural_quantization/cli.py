@@ -137,6 +137,13 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
                         "layer; for models larger than RAM); writes a sharded checkpoint")
     r.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations in host memory between layers (when they do not fit on the GPU)")
+    r.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                   help="GPU memory budget, e.g. 12GiB: the pre-flight estimate picks the fastest plan within it "
+                        "(activations on the host, streamed weights, smaller calibration batches) or refuses the run "
+                        "before any work, naming what would fit; also enforced as the process's memory fraction "
+                        "(default: the free memory of the GPU)")
+    r.add_argument("--max-cpu-memory", default=None, metavar="SIZE",
+                   help="host memory budget, e.g. 16GiB, planned like --max-gpu-memory (default: the available RAM)")
     r.add_argument("--work-dir", default=None,
                    help="where finished layers are written as they are produced (default: OUTPUT_DIR.work)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run from its --work-dir")
@@ -505,6 +512,7 @@ def options_from_args(args: argparse.Namespace, demo: bool = False) -> RunOption
         fail_on_gate=not args.no_fail_on_gate, work_dir=args.work_dir, resume=args.resume,
         keep_work_dir=args.keep_work_dir, stream_weights=args.stream_weights,
         offload_activations=True if args.offload_activations else None, devices=args.devices,
+        max_gpu_memory=args.max_gpu_memory, max_cpu_memory=args.max_cpu_memory,
         report_json=args.report_json, optimize_for_edge=args.optimize_for_edge, edge_context=args.edge_context,
         edge_batch=args.edge_batch, show_progress=not args.quiet,
     )

@@ -418,6 +418,33 @@ def check_storage_options(config: QuantizationConfig, work_dir: Any, resume: boo
         raise ConfigError("--resume (resume=True) needs the work directory of the interrupted run: --work-dir DIR (work_dir=DIR).")
 
 
+#: what :func:`parse_size` reads: decimal units (GB = 10⁹ bytes, as disks and clouds count) and
+#: binary ones (GiB = 2³⁰, as GPU memory is usually quoted); a bare number is bytes
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str | int, flag: str = "size") -> int:
+    """Bytes of ``text``: ``12GiB`` (12 · 2³⁰), ``3.2GB`` (3.2 · 10⁹), ``850MB``, ``123456``.
+
+    Raises ``ValueError`` naming ``flag`` with the accepted forms::
+
+        parse_size("12GiB")   -> 12884901888
+        parse_size("3.2 GB")  -> 3200000000
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = match.group(2).lower() if match else None
+        if unit not in SIZE_UNITS:
+            raise ValueError(f"{flag} {text!r}: give a size like 12GiB (2^30 bytes), 3.2GB (10^9 bytes) or 850MB.")
+        value = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"{flag} {text!r} must be positive, e.g. 12GiB.")
+    return value
+
+
 @dataclass
 class RunOptions:
     """One quantization run, end to end: load ``model_name``, quantize it with ``config``, save the
@@ -443,6 +470,11 @@ class RunOptions:
         offload_activations: keep calibration activations in host memory between layers; None (the
             default): only when the pre-flight estimate says the run does not fit the GPU otherwise.
         devices: devices sharing the work (default: every visible GPU for device auto/cuda).
+        max_gpu_memory, max_cpu_memory: memory budgets (bytes, or a size such as ``"12GiB"``): the
+            pre-flight estimate picks the fastest plan (activations on the host, weights streamed
+            from disk, smaller calibration batches) that stays within them, or the run is refused
+            before any work with the option that would make it fit; a GPU budget is also enforced
+            as the process's memory fraction on each GPU.
     Output
         report_json: write the JSON report there (and .md, .png beside it).
         optimize_for_edge, edge_context, edge_batch: print the memory needed on edge devices.
@@ -468,6 +500,8 @@ class RunOptions:
     stream_weights: bool = False
     offload_activations: bool | None = None
     devices: list[str] | None = None
+    max_gpu_memory: int | str | None = None
+    max_cpu_memory: int | str | None = None
     report_json: str | os.PathLike | None = None
     optimize_for_edge: bool = False
     edge_context: int = 4096
@@ -490,6 +524,13 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {value} must be positive.")
+        for name in ("max_gpu_memory", "max_cpu_memory"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    setattr(self, name, parse_size(value, f"--{name.replace('_', '-')}"))
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
         if self.stream_weights and (self.eval_data or self.self_evaluate or fmt != "gptq"):
             raise ConfigError("--stream-weights writes a --format gptq checkpoint without evaluating it (the float "
                               "model is never in memory); evaluate it afterwards with `neural-quantize eval`.")

@@ -4,7 +4,8 @@
 checked when it was built), runs every check that needs the machine (``checks.check_run``: nothing
 is loaded or written before they pass), then::
 
-    load -> pre-flight estimate (activations offloaded to the host if the GPU is too small)
+    load -> pre-flight estimate (activations offloaded to the host if the GPU is too small; with a
+            memory budget the plan ``checks.check_run`` chose, the GPU budget enforced)
          -> reference statistics of the float model (if it is evaluated)
          -> quantize layer by layer (progress bar) -> save in the export format (atomically)
          -> compare per language -> report (summary table, JSON/Markdown/PNG) -> gates
@@ -124,6 +125,7 @@ def _run_checked(options: RunOptions, checked: Any, console: Any) -> RunOutcome:
     from neural_quantization.reporting.report import build_report
     from neural_quantization.reporting.terminal import render_languages, render_summary
 
+    options = _apply_memory_plan(options, checked.memory_plan, console)
     config = options.config
     quiet = not options.show_progress
     work_dir = str(checked.work_dir) if checked.work_dir is not None else None
@@ -132,7 +134,9 @@ def _run_checked(options: RunOptions, checked: Any, console: Any) -> RunOutcome:
     loaded = load_model(options.model_name, dtype=config.checkpoint_dtype, stream_weights=options.stream_weights,
                         trust_remote_code=options.trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
-    offload = _plan_activations(model, options, console)
+    offload = _plan_activations(model, options, console) if checked.memory_plan is None else bool(
+        options.offload_activations)
+    devices_used = _enforce_gpu_budget(options)
 
     references, evaluation = None, None
     if options.evaluates:
@@ -151,6 +155,7 @@ def _run_checked(options: RunOptions, checked: Any, console: Any) -> RunOutcome:
             stream_weights=options.stream_weights, offload_activations=offload, devices=options.devices,
         )
     path = save_in_format(quantized, tokenizer, loaded, options, console)
+    memory = _measured_memory(devices_used, checked.memory_plan, options)  # quantizing and saving
     if work_dir is not None and not options.keep_work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is complete; nothing left to resume
     elif work_dir is not None:
@@ -164,7 +169,7 @@ def _run_checked(options: RunOptions, checked: Any, console: Any) -> RunOutcome:
     report = build_report(
         model=loaded.source, config=config, quantization=results, language_results=language_results,
         gates=gates, evaluation=evaluation, device=results.device,
-        extra={"output_dir": str(path), **({"stages": stages} if stages else {})},
+        extra={"output_dir": str(path), "memory": memory, **({"stages": stages} if stages else {})},
     )
     render_summary(report, console)
     if language_results:
@@ -210,6 +215,62 @@ def _cascade_stage_results(quantized: Any, results: Any, references: Any, langua
         stages[0]["degradation_pct"] = average(compare_languages(narrow, references, show_progress=not quiet))
         del narrow
     return stages
+
+
+def _apply_memory_plan(options: RunOptions, plan: Any, console: Any) -> RunOptions:
+    """The options with a budget's plan (``checks._plan_memory``) applied, the plan printed."""
+    if plan is None:
+        return options
+    import dataclasses
+
+    from neural_quantization.models.preflight import format_estimate
+
+    console.print(format_estimate(plan.estimate))
+    for change in plan.changes:
+        console.print(f"Memory budget: {change}.")
+    return dataclasses.replace(
+        options, stream_weights=plan.stream_weights, offload_activations=plan.activations_on_host,
+        config=options.config.replace(calibration_batch_size=plan.calibration_batch_size))
+
+
+def _enforce_gpu_budget(options: RunOptions) -> list[Any]:
+    """The GPUs the run uses, their peak statistics reset; with ``max_gpu_memory`` each one's caching
+    allocator is capped at the budget (``torch.cuda.set_per_process_memory_fraction``)."""
+    import torch
+
+    from neural_quantization.nn.modules import resolve_device
+
+    names = options.devices or [options.config.device]
+    devices = [resolve_device(name) for name in names]
+    devices = [device for device in devices if device.type == "cuda"]
+    for device in devices:
+        torch.cuda.reset_peak_memory_stats(device)
+        if options.max_gpu_memory is not None:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, options.max_gpu_memory / total), device)
+    return devices
+
+
+def _measured_memory(devices: list[Any], plan: Any, options: RunOptions) -> dict[str, Any]:
+    """The peaks the run reached (the report's ``memory``): each GPU's peak of live tensors and of
+    reserved memory, the process's peak resident set, beside the budgets and the plan's estimate."""
+    import resource
+    import sys
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    memory: dict[str, Any] = {"host_peak_rss_bytes": rss, "max_gpu_memory": options.max_gpu_memory,
+                              "max_cpu_memory": options.max_cpu_memory}
+    if devices:
+        memory["gpu_peak_allocated_bytes"] = {str(d): torch.cuda.max_memory_allocated(d) for d in devices}
+        memory["gpu_peak_reserved_bytes"] = {str(d): torch.cuda.max_memory_reserved(d) for d in devices}
+    if plan is not None:
+        memory["plan"] = {"stream_weights": plan.stream_weights, "activations_on_host": plan.activations_on_host,
+                          "calibration_batch_size": plan.calibration_batch_size, "changes": plan.changes,
+                          "estimated_device_peak_bytes": plan.estimate.device_peak_bytes,
+                          "estimated_host_peak_bytes": plan.estimate.host_peak_bytes}
+    return memory
 
 
 def _plan_activations(model: Any, options: RunOptions, console: Any) -> bool:

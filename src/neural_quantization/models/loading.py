@@ -452,6 +452,18 @@ def _parse_dtype(dtype: str | torch.dtype | None, for_gguf: bool, device: torch.
     return _DTYPES[key]
 
 
+def load_dtype(resolved: ResolvedModel, model_config: Any, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> torch.dtype:
+    """The float dtype :func:`load_model` gives this model: ``dtype`` if set, else the one its config
+    records (float32 if none; a GGUF file: float32 on CPU, bfloat16 on an accelerator)."""
+    chosen = _parse_dtype(dtype, for_gguf=resolved.gguf_file is not None, device=torch.device(device))
+    if chosen == "auto":
+        chosen = getattr(model_config, "dtype", None) or torch.float32
+        if isinstance(chosen, str):
+            chosen = getattr(torch, chosen)
+    return chosen
+
+
 def _ensure_pad_token(tokenizer: Any) -> None:
     if tokenizer.pad_token is not None:
         return
@@ -536,11 +548,7 @@ def _load_streamed(resolved: ResolvedModel, dtype: str | torch.dtype | None, tru
         directory = snapshot_download(resolved.path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     config = AutoConfig.from_pretrained(directory, **kwargs)
-    torch_dtype = _parse_dtype(dtype, for_gguf=False, device=torch.device("cpu"))
-    if torch_dtype == "auto":
-        torch_dtype = getattr(config, "dtype", None) or torch.float32
-        if isinstance(torch_dtype, str):
-            torch_dtype = getattr(torch, torch_dtype)
+    torch_dtype = load_dtype(resolved, config, dtype)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **kwargs)
     weights = CheckpointWeights(directory)

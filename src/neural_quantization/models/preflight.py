@@ -785,13 +785,17 @@ def estimate_run(
     device: torch.device,
     stream_weights: bool = False,
     activations_on_host: bool = False,
+    device_budget: int | None = None,
+    host_budget: int | None = None,
 ) -> RunEstimate:
     """Estimate device and host memory, disk and time of quantizing ``model`` with ``config``.
 
     ``num_samples`` × ``seq_len`` calibration tokens, solved on ``device``. ``stream_weights``: the
     decoder layers' weights are read from disk one layer at a time instead of being held on the
     host; ``activations_on_host``: the calibration hidden states live in host memory and one batch
-    at a time is on the device. Reads only shapes and dtypes (``model`` may be on ``meta``).
+    at a time is on the device. ``device_budget`` / ``host_budget``: bytes the run may use at most
+    (``--max-gpu-memory`` / ``--max-cpu-memory``); they cap the available memory the fit is checked
+    against. Reads only shapes and dtypes (``model`` may be on ``meta``).
     """
     device = torch.device(device)
     shape = _model_shape(model)
@@ -804,8 +808,10 @@ def estimate_run(
     times = plan.seconds(rate)
 
     host_total, host_available = host_memory()
+    host_available = _capped(host_available, host_budget)
     if on_cuda:
         device_total, device_available = _device_memory(model, device)
+        device_available = _capped(device_available, device_budget)
         device_need = peak.total + DEVICE_RUNTIME_BYTES_CUDA
     else:
         device_total, device_available = host_total, host_available
@@ -823,6 +829,10 @@ def estimate_run(
     ]
     if rate_note:
         notes.append(rate_note)
+    budgets = [f"{name} {_size(value)}" for name, value in (("--max-gpu-memory", device_budget if on_cuda else None),
+                                                           ("--max-cpu-memory", host_budget)) if value]
+    if budgets:
+        notes.append("available memory capped by the budget: " + ", ".join(budgets))
     if on_cuda:
         notes.append(f"device peak excludes the CUDA context and library workspaces (~{DEVICE_RUNTIME_BYTES_CUDA // MIB} MiB)")
     if device_available is None and on_cuda:
@@ -859,6 +869,99 @@ def estimate_run(
     if not fits:
         estimate.advice = _advice(plan, device_fits, host_fits, device_available, host_available, device_need - peak.total)
     return estimate
+
+
+def _capped(available: int | None, budget: int | None) -> int | None:
+    if budget is None:
+        return available
+    return budget if available is None else min(available, budget)
+
+
+class BudgetError(ValueError):
+    """No plan keeps the run within its memory budget; the message says what would."""
+
+
+@dataclass
+class MemoryPlan:
+    """The memory choices of a run under a budget (:func:`plan_for_budget`).
+
+    stream_weights, activations_on_host, calibration_batch_size: what the run uses. estimate: the
+    pre-flight estimate of that plan. changes: each choice that differs from what was asked, in words.
+    """
+
+    stream_weights: bool
+    activations_on_host: bool
+    calibration_batch_size: int
+    estimate: RunEstimate
+    changes: list[str] = field(default_factory=list)
+
+
+def plan_for_budget(
+    model: nn.Module,
+    config: QuantizationConfig,
+    num_samples: int,
+    seq_len: int,
+    device: torch.device,
+    *,
+    device_budget: int | None = None,
+    host_budget: int | None = None,
+    stream_weights: bool = False,
+    activations_on_host: bool | None = None,
+    can_stream: bool = True,
+) -> MemoryPlan:
+    """The fastest plan whose estimate fits the budgets (and this machine's free memory).
+
+    Tried in this order, each with the options before it: the run as asked; the calibration
+    activations in host memory (a GPU run, unless ``activations_on_host`` is False); the decoder
+    weights streamed from disk (if ``can_stream``). These three give the same checkpoint. Then
+    calibration batches of half the size, down to one window (the same method; the Hessians are
+    summed in another order). Raises :class:`BudgetError` naming what the smallest plan needs.
+    """
+    device = torch.device(device)
+    on_cuda = device.type == "cuda" and config.method != "rtn"
+    offloads = [bool(activations_on_host)] if activations_on_host is not None or not on_cuda else [False, True]
+    streams = [stream_weights] + ([True] if can_stream and not stream_weights else [])
+    batches = [config.calibration_batch_size]
+    while batches[-1] > 1:
+        batches.append(max(1, batches[-1] // 2))
+    tried: list[tuple[bool, bool, int, RunEstimate]] = []
+    for batch in batches:
+        for stream in streams:
+            for offload in offloads:
+                candidate = config if batch == config.calibration_batch_size else config.replace(
+                    calibration_batch_size=batch)
+                estimate = estimate_run(model, candidate, num_samples, seq_len, device, stream, offload,
+                                        device_budget, host_budget)
+                tried.append((stream, offload, batch, estimate))
+                if estimate.fits:
+                    changes = []
+                    if offload and not activations_on_host:
+                        changes.append("calibration activations wait in host memory (--offload-activations)")
+                    if stream and not stream_weights:
+                        changes.append("decoder weights stream from disk (--stream-weights)")
+                    if batch != config.calibration_batch_size:
+                        changes.append(f"--calibration-batch-size {batch} (asked: {config.calibration_batch_size})")
+                    return MemoryPlan(stream, offload, batch, estimate, changes)
+    stream, offload, batch, smallest = min(tried, key=lambda row: (row[3].device_peak_bytes if on_cuda else 0,
+                                                                     row[3].host_peak_bytes))
+    flags = " ".join(flag for flag, on in (("--stream-weights", stream), ("--offload-activations", offload)) if on)
+    needs = []
+    if on_cuda:
+        needs.append(f"{_size(smallest.device_peak_bytes + DEVICE_RUNTIME_BYTES_CUDA)} of GPU memory "
+                     f"(budget {_size(device_budget) if device_budget else 'none'}, "
+                     f"free {_size(smallest.device_available_bytes)})")
+    needs.append(f"{_size(smallest.host_peak_bytes)} of host memory (budget {_size(host_budget) if host_budget else 'none'}, "
+                 f"available {_size(smallest.host_available_bytes)})")
+    hints = [hint for hint in smallest.advice if hint.startswith("use --num-samples")]
+    fixes = (["raise --max-gpu-memory"] if on_cuda and device_budget else []) + (
+        ["raise --max-cpu-memory"] if host_budget else []) + hints + (
+        ["allow --stream-weights (it needs --format gptq, no evaluation in the same run, no --rotate)"]
+        if not can_stream and not stream_weights else [])
+    raise BudgetError(
+        f"no plan fits the memory budget: even with {flags + ' ' if flags else ''}--calibration-batch-size {batch} "
+        f"the run needs {' and '.join(needs)} (fits leaves {100 - FIT_MARGIN * 100:.0f} % for the allocator). "
+        + ("Fix: " + "; or ".join(fixes) + "." if fixes else "Use a machine with more memory.")
+    )
 
 
 def _advice(
