@@ -514,9 +514,16 @@ _CHOSEN: dict[tuple, LaunchConfig] = {}  # eager keys served by a neighbouring s
 _AUTOTUNE_OVERRIDE: list[bool] = []
 
 
-def _key(x2d, K, N, bits, group_size, symmetric, has_perm):
+def tuning_key(x2d, K, N, bits, group_size, symmetric, has_perm) -> tuple:
+    """The key a kernel choice is stored under: (device, M bucket, K, N, dtype, bits, group size,
+    symmetric, act-order) for activations ``x2d`` (M, K)."""
     device = x2d.device
     return (str(device), m_bucket(x2d.shape[0]), K, N, str(x2d.dtype), bits, group_size, symmetric, has_perm)
+
+
+def is_tuned(key: tuple) -> bool:
+    """Whether a tuned choice for exactly ``key`` is in this process's table (tuned here or stored)."""
+    return key in _TUNED
 
 
 def autotune_enabled() -> bool:
@@ -633,7 +640,7 @@ def tune(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features
         timings[config.describe()] = round(elapsed, 2)
         if elapsed < best_time:
             best, best_time = config, elapsed
-    key = _key(x2d, in_features, N, bits, group_size, symmetric, perm is not None)
+    key = tuning_key(x2d, in_features, N, bits, group_size, symmetric, perm is not None)
     if best is None:
         best = default_config(M, in_features, N, bits, sm_count, group_size)
     else:
@@ -672,7 +679,7 @@ def _hint_untuned(key: tuple) -> None:
 def select_config(x2d, qweight, qzeros, scales, perm, bias, bits, group_size, in_features, symmetric):
     """The stored choice for this shape, else a tuned one (with on-the-spot tuning on), else the
     heuristic (see the module docstring)."""
-    key = _key(x2d, in_features, qweight.shape[1], bits, group_size, symmetric, perm is not None)
+    key = tuning_key(x2d, in_features, qweight.shape[1], bits, group_size, symmetric, perm is not None)
     config = _TUNED.get(key) or _CHOSEN.get(key)
     if config is not None:
         return config

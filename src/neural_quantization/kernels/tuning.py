@@ -105,9 +105,9 @@ def tune_shapes(
         for dtype in dtypes:
             for m in dict.fromkeys(dispatch.m_bucket(count) for count in token_counts):
                 x = torch.randn(m, shape.in_features, device=device, dtype=dtype, generator=generator)
-                key = dispatch._key(x, shape.in_features, shape.out_features, shape.bits, group, shape.symmetric,
-                                    shape.act_order)
-                if not retune and key in dispatch._TUNED:
+                key = dispatch.tuning_key(x, shape.in_features, shape.out_features, shape.bits, group,
+                                          shape.symmetric, shape.act_order)
+                if not retune and dispatch.is_tuned(key):
                     continue
                 if deadline is not None and time.perf_counter() > deadline:
                     return rows
