@@ -182,23 +182,51 @@ def _tf32_matmul(enabled: bool) -> Iterator[None]:
             matmul.allow_tf32 = previous
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+class InverseFactorError(HessianError):
+    """H + λI factored, but its inverse's factor did not (or was not finite): retry with 2 λ."""
+
+    def __init__(self, damp: float):
+        super().__init__(f"the inverse Hessian's factor failed at damp_percent={damp}")
+        self.damp = damp
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor | list[torch.Tensor],
+                             damp_percent: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)^-1`` with λ = damp · mean(diag H); raises damp on failure.
 
-    Returns ``(U, damp_used)`` with ``U^T U = (H + λI)^-1``.
+    Returns ``(U, damp_used)`` with ``U^T U = (H + λI)^-1``. ``hessian``: the (K, K) matrix, not
+    modified; or a one-element list holding it, which hands it over: the call pops it, adds the
+    damping in place and lets it go once factored, so at most two (K, K) matrices are alive at a
+    time (damped H and its factor, factor and inverse, inverse and U) instead of three. That bounds
+    the solver's memory for a wide layer (K = 14336: 0.8 GB per matrix in fp32). Same values. A
+    handed-over H whose inverse then fails to factor raises :class:`InverseFactorError` (H is gone;
+    the caller retries with a new copy and twice the damping, as the loop here does otherwise).
     """
-    mean_diag = torch.diag(hessian).mean()
+    owned = isinstance(hessian, list)
+    H = hessian.pop() if owned else hessian
+    mean_diag = torch.diag(H).mean()
+    diagonal = H.diagonal().clone() if owned else None  # (K,): puts H back for a retry
     damp = damp_percent
     while damp <= MAX_DAMP_PERCENT:
-        # At most three (K, K) matrices alive at once (H, and two of: damped H, factor, inverse).
-        lower = _damped_cholesky(hessian, damp, mean_diag)
+        if owned:
+            H.diagonal().copy_(diagonal).add_(damp * mean_diag)
+            lower, info = torch.linalg.cholesky_ex(H)
+            lower = lower if int(info) == 0 else None
+        else:  # H, and two of: damped H, factor, inverse
+            lower = _damped_cholesky(H, damp, mean_diag)
         if lower is not None:
+            if owned:
+                H = None  # the damped copy was the last reference: freed before the inverse
             inverse = torch.cholesky_inverse(lower)
             del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             del inverse
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+            # a sum is finite exactly when every entry is (or when huge finite entries overflow it,
+            # which is refused as well): no (K, K) mask is allocated for the check
+            if int(info) == 0 and bool(torch.isfinite(upper.sum())):
                 return upper, damp
+            if owned:  # H is gone: the caller builds it again for the next damping
+                raise InverseFactorError(damp)
         damp *= 2
     raise HessianError(
         f"the Hessian is not positive definite even with damp_percent={MAX_DAMP_PERCENT}; "
@@ -214,14 +242,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: Quantizat
     """
     bits, sym, clip = config.bits, config.sym, config.clip
     W = weight.detach().float().clone()  # (N, K), updated in place as errors are spread
-    H = hessian.detach().float().to(W.device).clone()  # (K, K)
     n_out, n_in = W.shape
     group = n_in if config.group_size == -1 else config.group_size
     n_groups = num_groups(n_in, config.group_size)
 
     # Inputs that never fire carry no information: fix their Hessian row and zero their weights.
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    dead = torch.diag(hessian).to(W.device) == 0
+    H = _solver_hessian(hessian, W.device, dead, None)  # (K, K) fp32 copy
     W[:, dead] = 0
 
     scales = torch.zeros(n_groups, n_out, dtype=torch.float32, device=W.device)
@@ -234,7 +261,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: Quantizat
 
     if config.desc_act:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        H = H[perm]  # rows, then columns (not H[perm][:, perm]): two (K, K) matrices alive, not three
+        H = H[:, perm]
     else:
         perm = torch.arange(n_in, device=W.device)
     # Group of the column processed at position j (positions are in processing order).
@@ -244,7 +273,20 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: Quantizat
         group_of_position = torch.arange(n_in, device=W.device) // group
 
     group_at = group_of_position.tolist()  # host copy: no device sync inside the column loop
-    Hinv, damp_used = inverse_hessian_cholesky(H, config.damp_percent)  # (K, K) upper triangular
+    # What the grids chosen during the solve read of H: each group's diagonal block, in processing
+    # order (the clip search's Hessian-weighted error); then H itself is handed to the inverse.
+    group_hessians = {} if config.static_groups else {
+        start: H[start:start + group, start:start + group].clone() for start in range(0, n_in, group)}
+    damp = config.damp_percent
+    while True:
+        handed_over = [H]
+        del H  # inverse_hessian_cholesky holds the only reference: freed once factored
+        try:
+            Hinv, damp_used = inverse_hessian_cholesky(handed_over, damp)  # (K, K) upper triangular
+            break
+        except InverseFactorError as failed:  # rare: build H again and damp it twice as much
+            damp = failed.damp * 2
+            H = _solver_hessian(hessian, W.device, dead, perm if config.desc_act else None)
     codes = torch.zeros(n_out, n_in, dtype=torch.int32, device=W.device)
     solve_columns, group_table = _column_solver(W, config.block_size, group_of_position, group_at)
 
@@ -257,12 +299,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: Quantizat
             if not config.static_groups and s1 % group == 0:
                 # The group's grid, from the weights as GPTQ has updated them so far.
                 upcoming = torch.cat([W1[:, s1 - i1 :], W[:, i2 : s1 + group]], dim=1)[:, :group]
-                columns = slice(s1, s1 + upcoming.shape[1])  # processing positions of the group
-                scale, zero = grid.choose_params(upcoming, bits, sym, clip, H[columns, columns])
+                size = upcoming.shape[1]  # the group's columns, in processing order from s1
+                scale, zero = grid.choose_params(upcoming, bits, sym, clip, group_hessians[s1][:size, :size])
                 scales[group_at[s1]], zeros[group_at[s1]] = scale.squeeze(1), zero.squeeze(1)
             solve_columns(W1, Err1, codes[:, i1:i2], Hinv1, scales, zeros, group_table[i1:i2], s1 - i1, s2 - i1, bits)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of everything after the block
 
+    del Hinv, group_hessians
     inverse_perm = torch.argsort(perm)
     g_idx = group_of_position[inverse_perm].to(torch.int32)
     result = QuantizedWeight(
@@ -276,6 +319,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: Quantizat
     )
     result.loss = hessian_weighted_error(weight.to(W.device), result.dequantize(), hessian.to(W.device))
     return result
+
+
+def _solver_hessian(hessian: torch.Tensor, device: torch.device, dead: torch.Tensor,
+                    perm: torch.Tensor | None) -> torch.Tensor:
+    """The solver's own fp32 copy of ``hessian`` on ``device``: dead inputs' diagonal set to 1, then
+    permuted by ``perm`` (act-order) where given."""
+    H = hessian.detach().float().to(device).clone()
+    H[dead, dead] = 1
+    if perm is not None:
+        H = H[perm]
+        H = H[:, perm]
+    return H
 
 
 def _segments(i1: int, i2: int, group: int, fixed_grids: bool) -> list[tuple[int, int]]:

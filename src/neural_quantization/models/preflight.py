@@ -46,10 +46,10 @@ hessians                  the group's fp32 Hessian ``V_j`` (true-sequential), el
                           the layer, all alive until the layer's solves end; while one accumulates,
                           the hook holds the batch's input, and a bf16/fp16 batch on CUDA adds a
                           ``V_j`` product (``mm(..., out_dtype=float32)``), on CPU an fp32 copy
-solver_workspace          ``core/gptq.py`` for one linear: ``max(U + 3.75 V, 7 U + 2 V)``: the W copy,
-                          the H copy and, inside ``inverse_hessian_cholesky``, two more K×K matrices
-                          at a time, then the upper factor with ``isfinite``'s temporaries (1.75 V);
-                          or, at the loss, W, codes, permuted codes, the dequantized weight's 4 U of
+solver_workspace          ``core/gptq.py`` for one linear: ``max(U + 2 V, 7.5 U)`` (CUDA: ``U + 3 V``):
+                          the W copy and the solver's H copy, handed to ``inverse_hessian_cholesky``,
+                          which damps it in place and frees it once factored (two K×K matrices at a
+                          time); or, at the loss, W, codes, permuted codes, the dequantized weight's
                           temporaries and the two products of ``hessian_weighted_error``. Packing
                           (``formats/gptq.py``, int64 copies: about 5 U) and ``dequantize_gptq`` (4 U)
                           come after and are smaller
@@ -63,7 +63,9 @@ layers) 7.37 / 7.33 GiB; Llama-70B shapes (2 layers) 27.18 / 27.17 GiB; the same
 on the host 23.18 / 23.17 GiB; ``benchmarks/results/quantize_streamed_llama70b_h100.json``
 (streamed weights, 4 layers) 27.2 / 27.17 GiB, host RSS 5.7 / 5.9 GiB, checkpoint 5,982,234,207 /
 5,982,208,000 bytes (config files aside). The CUDA Cholesky count (3 V) was inferred from the
-0.25 V gap these runs showed against the CPU count.
+0.25 V gap these runs showed against the CPU count. Those GPU runs predate the solver's H hand-over
+(2026-12-08: 2 K×K matrices at a time instead of 3.75 on CPU), which lowers the solve's peak; they
+have not been repeated since.
 
 Host memory: a fixed runtime overhead (Python, torch, transformers; CUDA libraries and context when
 the device is a GPU), the model's float weights (without ``stream_weights``: all of them at load;
@@ -353,13 +355,17 @@ def quant_linear_bytes(n: int, k: int, bits: int, group_size: int, bias: bool, d
 def _gptq_workspace(n: int, k: int, block_size: int, on_cuda: bool) -> int:
     """Peak bytes ``gptq_quantize`` allocates on top of its inputs (see the module docstring)."""
     u, v = FP32 * n * k, FP32 * k * k
-    # W, the H copy, and inside inverse_hessian_cholesky at most two more (K, K) matrices (damped H
-    # and its factor, factor and inverse, inverse and U); on CPU then U with isfinite's unfused
-    # temporaries (|U| in fp32 and three bool masks: 1.75 V); on CUDA cholesky_inverse solves
-    # against an identity it allocates (factor, identity and inverse: 3 V).
-    cholesky = u + v + (3 * v if on_cuda else 2.75 * v)
-    column_loop = 3 * u + 2 * v + 3 * FP32 * n * block_size  # W, codes, lazy-update product; H, U; blocks
-    loss = 7 * u + 2 * v  # W, codes, permuted codes, dequantize (4 U) -> delta, delta @ H, product
+    # W and the solver's H copy, which it hands to inverse_hessian_cholesky: damped in place and
+    # freed once factored, so two (K, K) matrices at a time (H and its factor, factor and inverse,
+    # inverse and U; the act-order permutation likewise goes rows, then columns). Measured on CPU:
+    # U + 2.0 V (K = 4096, N = 512, with and without act-order; 3.75 V before the hand-over). On
+    # CUDA cholesky_inverse also solves against an identity it allocates (factor, identity and
+    # inverse: 3 V; from the earlier H100 runs, not re-measured since).
+    cholesky = u + (3 * v if on_cuda else 2 * v)
+    column_loop = 3 * u + v + 3 * FP32 * n * block_size  # W, codes, lazy-update product; U; blocks
+    # W, codes, permuted codes, dequantize's gathers and products, then delta, delta @ H, product:
+    # measured 7.5 U on CPU (K = 4096, N = 14336); U and H are freed before it
+    loss = 7.5 * u
     return int(max(cholesky, column_loop, loss))
 
 
