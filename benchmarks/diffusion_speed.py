@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -41,6 +40,7 @@ from torch import nn
 from neural_quantization.bench.decode import quantize_linear_on_device
 from neural_quantization.bench.kernels import environment
 from neural_quantization.config import QuantizationConfig
+from neural_quantization.kernels.timing import median_event_us, time_in_graph
 
 #: PixArt-α XL/2 (diffusers' PixArtTransformer2DModel configuration of PixArt-alpha/PixArt-XL-2-*)
 PIXART_ALPHA = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
@@ -117,41 +117,13 @@ def measure(model: nn.Module, inputs: dict, warmup: int, repeats: int) -> dict:
     call()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30
-    eager = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        eager.append(start.elapsed_time(end))
-    graph_ms = None
+    eager_us = median_event_us(call, repeats)
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                call()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
-        graph.replay()
-        torch.cuda.synchronize()
-        replays = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            replays.append(start.elapsed_time(end))
-        graph_ms = round(statistics.median(replays), 3)
-        del graph
+        graph_ms = round(time_in_graph([call], 1, repeats) / 1000.0, 3)
     except RuntimeError as error:  # a kernel path that cannot be captured is reported, not hidden
         graph_ms = f"capture failed: {str(error)[:200]}"
     return {"first_call_s": round(first_s, 2), "peak_step_gib": round(peak, 3),
-            "eager_ms": round(statistics.median(eager), 3), "graph_ms": graph_ms, "output": out.float()}
+            "eager_ms": round(eager_us / 1000.0, 3), "graph_ms": graph_ms, "output": out.float()}
 
 
 def main(argv: list[str] | None = None) -> int:

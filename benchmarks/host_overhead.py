@@ -28,6 +28,7 @@ from torch import nn
 from neural_quantization.bench.decode import quantize_linear_on_device
 from neural_quantization.bench.kernels import environment
 from neural_quantization.config import QuantizationConfig
+from neural_quantization.kernels.timing import time_in_graph
 
 
 def per_call_us(fn, calls: int, repeats: int) -> float:
@@ -42,26 +43,6 @@ def per_call_us(fn, calls: int, repeats: int) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(times)
-
-
-def graph_us(fn, calls: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / calls
 
 
 @torch.no_grad()
@@ -97,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
               "rows": {}}
     for name, fn in rows.items():
         row = {"eager_us_per_call": round(per_call_us(fn, args.calls, args.repeats), 2),
-               "graph_us_per_call": round(graph_us(fn, 50), 2)}
+               "graph_us_per_call": round(time_in_graph([fn], 50, args.repeats), 2)}
         result["rows"][name] = row
         print(name, row, flush=True)
     base = result["rows"]["nn.Linear fp16"]["eager_us_per_call"]

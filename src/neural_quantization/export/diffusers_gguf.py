@@ -49,6 +49,7 @@ from neural_quantization.export.gguf import (
     RECORD_KEY,
     GGUFExportError,
     GGUFExportReport,
+    finish_file,
     weight_blocks,
 )
 from neural_quantization.nn.qlinear import QuantLinear
@@ -243,11 +244,7 @@ def write_denoiser_gguf(denoiser: nn.Module, path: str | os.PathLike, record: di
         for key in expected:  # the model's own order
             data, raw_dtype = tensors[key]
             writer.add_tensor(key, data, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, target)
+        finish_file(writer, tmp, target)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)

@@ -424,17 +424,23 @@ def export_gguf(
             writer.add_tensor(f"{gguf_name}.{suffix}", array)
             kind = "F16" if array.dtype == np.float16 else "F32"
             report.tensor_types[kind] = report.tensor_types.get(kind, 0) + 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, target)
+        finish_file(writer, tmp, target)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
     report.file_bytes = target.stat().st_size
     return report
+
+
+def finish_file(writer: Any, tmp: Path, target: Path) -> None:
+    """Write a ``gguf.GGUFWriter``'s header, metadata and tensors to ``tmp`` and rename it to
+    ``target`` (the file appears whole or not at all); the caller removes ``tmp`` on failure."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, target)
 
 
 def gguf_file_name(output_dir: str | os.PathLike, gguf_type: str) -> str:
