@@ -24,6 +24,9 @@ gptq-imatrix       (none: ours is ``gptq``)                    defaults, ``obser
 gptq-rotate        defaults, ``rotate=True``                   (none)
 best               ``QuantizationConfig.from_preset("best")``  (none)
 best-nogptaq       the same, ``gptaq=False``                   (none)
+awq                defaults, ``awq=True``                      (none; AutoAWQ is another tool)
+awq-nogptaq        the same, ``gptaq=False``                   (none)
+best-awq           ``from_preset("best", awq=True)``           (none)
 =================  ==========================================  =======================================
 
 The settings named after one of llm-compressor's use our min/max grid (``clip="minmax"``, their
@@ -65,7 +68,8 @@ from neural_quantization.models.loading import load_model
 from neural_quantization.reporting.report import environment_info
 
 SETTINGS = ("rtn", "gptq", "gptq-nogptaq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-imatrix",
-            "gptq-rotate", "best", "best-nogptaq")
+            "gptq-rotate", "best", "best-nogptaq", "awq", "awq-nogptaq",
+            "best-awq")
 THEIRS = ("rtn", "gptq", "gptq-noact", "gptq-static", "gptq-static-asym", "gptq-mse", "gptq-imatrix")
 
 
@@ -86,6 +90,9 @@ def our_config(setting: str, bits: int, group_size: int, num_samples: int, seq_l
         "gptq-rotate": QuantizationConfig(rotate=True, **base),
         "best": QuantizationConfig.from_preset("best", **base),
         "best-nogptaq": QuantizationConfig.from_preset("best", gptaq=False, **base),
+        "awq": QuantizationConfig(awq=True, **base),  # activation-aware scales before GPTQ (core/awq.py)
+        "awq-nogptaq": QuantizationConfig(awq=True, **paired),
+        "best-awq": QuantizationConfig.from_preset("best", awq=True, **base),
     }[setting]
 
 
@@ -132,6 +139,17 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "languages": results}
 
 
+def awq_summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """What AWQ did over the model: one entry per group of linears (they share their input's scales)."""
+    groups = {layer["awq"]["source"] or layer["name"]: layer["awq"] for layer in layers if layer.get("awq")}
+    searched = [g for g in groups.values() if g["source"]]
+    scaled = [g for g in searched if g["alpha"]]
+    return {"groups": len(groups), "groups_without_source": len(groups) - len(searched),
+            "groups_scaled": len(scaled), "groups_alpha_0": len(searched) - len(scaled),
+            "mean_alpha": sum(g["alpha"] for g in searched) / max(len(searched), 1),
+            "mean_rtn_error_ratio": sum(g["rtn_error"] / g["rtn_error_unscaled"] for g in scaled) / max(len(scaled), 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -175,8 +193,9 @@ def main() -> None:
                     continue
                 quantized, results = Quantizer(config).quantize_model(copy.deepcopy(model), ids, tokenizer=tokenizer)
                 seconds, described = results.quantization_seconds, config.to_dict()
+                extra = {"awq": awq_summary(results.layers)} if config.awq else {}
             else:
-                described = repr(llmcompressor_modifier(setting, args.bits, args.group_size))
+                described, extra = repr(llmcompressor_modifier(setting, args.bits, args.group_size)), {}
                 try:
                     quantized, seconds = run_llmcompressor(model, tokenizer, ids, setting, args.bits, args.group_size)
                 except Exception as err:  # a setting their release cannot run is recorded, not fatal
@@ -186,7 +205,7 @@ def main() -> None:
             evaluated = {name: summarize({lang: r.to_dict() for lang, r in compare_languages(quantized, ref).items()})
                          for name, ref in references.items()}
             runs.append({"tool": tool, "setting": setting, "config": described, "quantization_seconds": seconds,
-                         "evaluation": evaluated})
+                         "evaluation": evaluated, **extra})
             line = "  ".join(f"{name} {e['avg_degradation_pct']:+.2f} % (KL {e['mean_kl_divergence']:.4f})"
                              for name, e in evaluated.items())
             print(f"{tool:>15} {setting:<17} {line}  [{seconds:.0f} s]", flush=True)

@@ -92,6 +92,10 @@ def _add_quantization_options(p: argparse.ArgumentParser, defaults: Quantization
     g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="rotate the residual stream by a Hadamard matrix merged into the weights before quantizing "
                         "(spreads outliers; the checkpoint stays an ordinary one)")
+    g.add_argument("--awq", action=argparse.BooleanOptionalAction, default=None,
+                   help="activation-aware scaling (AWQ): per-input-channel scales searched on the calibration data "
+                        "and folded into the preceding norm or linear before GPTQ (the model computes the same "
+                        "function; the checkpoint stays an ordinary one; GPTQ only) (default: off)")
     g.add_argument("--gptaq", action=argparse.BooleanOptionalAction, default=None,
                    help="asymmetric calibration: fit each layer, fed the quantized model's inputs, to the float "
                         "model's outputs (GPTAQ; undoes the error that reached the layer; one device)")
@@ -463,7 +467,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizationConfig:
         stages = list(DEFAULT_CASCADE_STAGES)
     chosen = {"sym": args.sym, "rotate": args.rotate, "method": args.method, "bits": args.bits,
               "cascade_mode": args.cascade_mode, "static_groups": args.static_groups, "clip": args.clip,
-              "gptaq": args.gptaq}
+              "gptaq": args.gptaq, "awq": args.awq}
     return QuantizationConfig.from_preset(
         args.preset,
         **{name: value for name, value in chosen.items() if value is not None},

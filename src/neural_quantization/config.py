@@ -163,6 +163,14 @@ class QuantizationConfig:
             the linears that read them. The model computes the same function; its weights hold
             fewer outliers. The checkpoint is an ordinary one (norm scales of 1, an untied lm_head).
             Needs pre-norm RMSNorm blocks (Llama, Mistral, Qwen, Phi-3, Gemma 1; not Gemma 2/3).
+        awq: activation-aware scaling (AWQ, Lin et al. 2024; ``core/awq.py``, ``models/awq.py``):
+            before each decoder layer is solved, scale the input channels of each group of linears
+            that read one input (q/k/v, gate/up, down; o where the head counts match) by
+            ``s = mean|x|^α`` (normalised), with α searched on the calibration inputs to minimise
+            the group's round-to-nearest output error, and fold ``1/s`` into the norm or linear
+            that produces the input. The model computes the same function; the checkpoint is an
+            ordinary GPTQ one. Off by default (GPTQ only; not with cascades). Costs one more
+            forward of each layer over the calibration data and a search per group.
 
     Solver
         method: "gptq" (error compensation through the inverse Hessian) or "rtn" (round to nearest).
@@ -218,6 +226,7 @@ class QuantizationConfig:
     sym: bool = True
     clip: str | None = None
     rotate: bool = False
+    awq: bool = False
     method: str = "gptq"
     damp_percent: float = 0.01
     desc_act: bool = True
@@ -269,6 +278,12 @@ class QuantizationConfig:
             raise ConfigError("gptaq (asymmetric calibration) changes GPTQ's objective; use method='gptq' or drop gptaq.")
         if self.gptaq and self.cascade_stages is not None:
             raise ConfigError("gptaq (asymmetric calibration) and a cascade do not combine; drop --gptaq or the cascade.")
+        if self.awq and self.method != "gptq":
+            raise ConfigError("awq (activation-aware scaling) is searched on calibration data in the GPTQ pipeline; "
+                              "use method='gptq' (--method gptq) or drop awq (--no-awq).")
+        if self.awq and self.cascade_stages is not None:
+            raise ConfigError("awq (activation-aware scaling) and a cascade do not combine yet; drop --awq or the "
+                              "cascade.")
         if self.static_groups is None:  # on, except where the nested cascade picks grids during its solve
             self.static_groups = not (self.cascade_mode == "nested" and self.cascade_stages is not None)
         if self.block_size <= 0:

@@ -46,6 +46,8 @@ hessians                  the group's fp32 Hessian ``V_j`` (true-sequential), el
                           the layer, all alive until the layer's solves end; while one accumulates,
                           the hook holds the batch's input, and a bf16/fp16 batch on CUDA adds a
                           ``V_j`` product (``mm(..., out_dtype=float32)``), on CPU an fp32 copy
+awq_check_copy,           with ``awq``, before the layer's groups: an fp32 copy of the layer (checks the
+awq_statistics            folds) and every group's fp32 Hessian and mean magnitude, all alive together
 solver_workspace          ``core/gptq.py`` for one linear: ``max(U + 2 V, 7.5 U)`` (CUDA: ``U + 3 V``):
                           the W copy and the solver's H copy, handed to ``inverse_hessian_cholesky``,
                           which damps it in place and frees it once factored (two K×K matrices at a
@@ -95,6 +97,7 @@ import torch
 from torch import nn
 
 from neural_quantization.config import QuantizationConfig
+from neural_quantization.core.awq import ALPHAS
 from neural_quantization.formats.gptq import gptq_layer_bytes
 from neural_quantization.formats.units import GIB, MIB, format_bytes
 from neural_quantization.models.shape import read_model_shape, text_config
@@ -561,6 +564,15 @@ class _Plan:
                 base.update(float_layer_copy=layer.weight_bytes, float_hidden_states=waiting)
             if index > 0:  # storage.load of this layer while the previous inputs are still referenced
                 add(f"layer {index}: loading the layer", {**base, "hidden_states_next": waiting})
+            if config.awq:  # models/awq.py: an fp32 copy of the layer checks the folds while one run over
+                # the calibration data keeps every group's input statistics (H and mean |x|); the hook
+                # holds a batch's input, its fp32 copy and |x|
+                widest_k = max(lin.k for lin in layer.linears)
+                add(f"layer {index}: AWQ statistics", {
+                    **base, "awq_check_copy": layer.weight_bytes * FP32 // b, "hidden_states_batch": working_in,
+                    "awq_statistics": sum(FP32 * (g[0].k ** 2 + g[0].k) for g in _groups(layer.linears)),
+                    "forward_workspace": max(fwd, self.batch * self.seq_len * widest_k * (2 * b + FP32)),
+                })
             groups = _groups(layer.linears) if config.true_sequential else [list(layer.linears)]
             solved_packed = solved_copies = 0
             for g, group in enumerate(groups):
@@ -693,6 +705,11 @@ class _Plan:
                 hessians += (2 if config.gptaq else 1) * sum(2 * tokens * k * k for k in ks) / hessian_rate
             if not config.true_sequential:
                 partial = full
+            if config.awq:  # models/awq.py: one more run over the calibration data with every group's
+                # statistics, and the α search: per α one (N, K)·(K, K) product per linear
+                forward += tokens * full / matmul
+                hessians += sum(2 * tokens * g[0].k ** 2 for g in _groups(layer.linears)) / hessian_rate
+                solve += len(ALPHAS) * sum(2 * lin.n * lin.k ** 2 for lin in layer.linears) / rate.fp32_flops
             passes = 2 if config.gptaq else 1  # GPTAQ runs the float block beside the quantized one
             forward += passes * tokens * (partial + full) / matmul + self.seq_len * full / matmul  # + linear_groups
             for lin in layer.linears:

@@ -73,13 +73,14 @@ class RotationReport:
         return dict(self.__dict__)
 
 
-def _is_norm(module: nn.Module, width: int) -> bool:
+def is_norm(module: nn.Module, width: int) -> bool:
+    """A leaf module named like a norm whose scale ``weight`` is one value per channel of a width-``width`` input."""
     weight = getattr(module, "weight", None)
     return (not list(module.children()) and "norm" in type(module).__name__.lower()
             and isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() == width)
 
 
-def _key(t: torch.Tensor) -> tuple:
+def tensor_key(t: torch.Tensor) -> tuple:
     """Identifies a tensor's values in memory: a view of all of it (``h[:, -0:]``) gets the same key."""
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
@@ -96,7 +97,7 @@ def find_residual_stream(model: nn.Module) -> ResidualStream:
     head = model.get_output_embeddings()
     width = embedding.embedding_dim
     names = {module: name for name, module in model.named_modules()}
-    norms = {m for m in model.modules() if _is_norm(m, width)}
+    norms = {m for m in model.modules() if is_norm(m, width)}
     _, layers = find_decoder_layers(model)
     layer_linears = {m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)}
     linears = layer_linears | ({head} if isinstance(head, nn.Linear) else set())
@@ -104,12 +105,12 @@ def find_residual_stream(model: nn.Module) -> ResidualStream:
     outputs: dict[tuple, nn.Module] = {}
 
     def pre(module, args):
-        inputs.setdefault(module, _key(args[0]))
+        inputs.setdefault(module, tensor_key(args[0]))
         kept.append(args[0])
 
     def post(module, args, output):
         out = output[0] if isinstance(output, tuple) else output
-        outputs.setdefault(_key(out), module)
+        outputs.setdefault(tensor_key(out), module)
         kept.append(out)  # every tensor seen stays alive until the end, so no id is reused
 
     kept: list[torch.Tensor] = []
@@ -117,7 +118,7 @@ def find_residual_stream(model: nn.Module) -> ResidualStream:
 
     def layer_pre(module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
-        stream_inputs.add(_key(hidden))
+        stream_inputs.add(tensor_key(hidden))
         kept.append(hidden)
 
     handles = [layer.register_forward_pre_hook(layer_pre, with_kwargs=True) for layer in layers]
@@ -155,7 +156,7 @@ def find_residual_stream(model: nn.Module) -> ResidualStream:
     return stream
 
 
-def _norm_offset(norm: nn.Module) -> float:
+def norm_offset(norm: nn.Module) -> float:
     """0 for ``x/rms · w`` norms, 1 for Gemma's ``x/rms · (1 + w)``: what the scale is with ``w = 0``."""
     x = torch.linspace(-1, 1, norm.weight.numel(), dtype=norm.weight.dtype, device=norm.weight.device)[None]
     saved = norm.weight.detach().clone()
@@ -192,7 +193,7 @@ def rotate_residual_stream(model: nn.Module, seed: int = 0, device: torch.device
     modules = dict(model.named_modules())
     offsets = {}
     for name in stream.readers:
-        offsets[name] = _norm_offset(modules[name])
+        offsets[name] = norm_offset(modules[name])
         original = modules[name].weight.detach().clone()
         modules[name].weight.fill_(1.0 - offsets[name])
         try:

@@ -14,6 +14,11 @@
         run the quantized layer once more: its outputs are the next layer's inputs
         move the layer back to where it came from
 
+With activation-aware scaling (``config.awq``) each decoder layer first gets AWQ's per-input-channel
+scales, searched on its calibration inputs and folded into its norms and linears so that it
+computes the same function (``models/awq.py``); the groups are then solved as above on the scaled
+layer.
+
 With asymmetric calibration (``config.gptaq``) a float copy of each layer runs beside it on a
 second stream of activations (the float model's), and each group's hooks also fold the cross term
 ``C = 2/n Σ (x - x̃)ᵀ x̃`` of the float inputs ``x`` and the quantized model's ``x̃``; each linear is
@@ -45,6 +50,7 @@ from torch import nn
 from neural_quantization.config import QuantizationConfig
 from neural_quantization.core.gptq import accumulate_cross, accumulate_hessian, asymmetric_target, gptq_quantize
 from neural_quantization.core.rtn import rtn_quantize
+from neural_quantization.models.awq import scale_block_inputs
 from neural_quantization.nn.modules import (
     find_decoder_layers,
     find_linear_layers,
@@ -69,6 +75,7 @@ class LinearReport:
     damp_percent: float | None
     seconds: float
     note: str = ""
+    awq: dict[str, Any] | None = None  # config.awq: the scaling of its input (models/awq.py), else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +86,7 @@ class LinearReport:
             "damp_percent": self.damp_percent,
             "seconds": round(self.seconds, 4),
             "note": self.note,
+            "awq": self.awq,
         }
 
     @classmethod
@@ -491,11 +499,15 @@ def quantize_decoder_layers(
         else:
             storage.load(index, prefix, block, device)
             if calibrate:
+                # AWQ's scales first: the float copy (GPTAQ) must read the scaled inputs too
+                scaling = scale_block(block, prefix, inputs, config) if config.awq else {}
                 float_blocks = replicate(copy.deepcopy(block), devices) if asymmetric else None
                 layer_reports, hidden = quantize_block(
                     block, prefix, inputs, config, solve, storage.activations_device, devices,
                     float_blocks=float_blocks, float_hidden=float_hidden,
                 )
+                for report in layer_reports:
+                    report.awq = scaling.get(report.name)
             else:
                 layer_reports = []
                 for name, linear in find_linear_layers(block).items():
@@ -522,6 +534,19 @@ def quantize_decoder_layers(
     if calibrate:
         move_all_but(model, layers, rest_home)
     return reports
+
+
+@torch.no_grad()
+def scale_block(block: nn.Module, prefix: str, inputs: LayerInputs, config: QuantizationConfig) -> dict[str, dict]:
+    """Fold AWQ's scales into ``block`` (on one device), searched on its calibration ``inputs``;
+    returns what was done to each linear, by full name (see :func:`models.awq.scale_block_inputs`)."""
+    device = module_device(block)
+    first = inputs.hidden[0]
+    probe = (first[:1].to(device), _to_device(_slice_batch(inputs.kwargs[0], first.shape[0]), device))
+    batches = ((hidden.to(device), _to_device(kwargs, device)) for hidden, kwargs in zip(inputs.hidden, inputs.kwargs))
+    done = scale_block_inputs(block, probe, batches, lambda name: config.for_module(prefix + name))
+    return {prefix + name: {**entry, "source": entry["source"] and prefix + entry["source"]}
+            for name, entry in done.items()}
 
 
 def replicate(block: nn.Module, devices: list[torch.device]) -> list[nn.Module]:
